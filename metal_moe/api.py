@@ -1,0 +1,263 @@
+"""The public call: ``fused_moe`` and the backend plumbing around it."""
+
+from __future__ import annotations
+
+import glob
+import numbers
+import os
+import threading
+import warnings
+
+import numpy as np
+
+from . import policy
+from .weights import MoEWeights
+
+try:
+    from . import _native
+except ImportError as err:          # a source checkout that was never built
+    _native = None
+    _IMPORT_ERROR = err
+
+__all__ = ["Context", "backends", "fused_moe", "get_include", "get_library", "reset_stats", "stats"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+ALL_BACKENDS = ("cpu", "cuda", "metal")
+
+
+def _require_native():
+    if _native is None:
+        raise ImportError(
+            "metal_moe's native library is not built; install the package (pip install .) "
+            f"instead of importing it from the source tree ({_IMPORT_ERROR})"
+        )
+    return _native
+
+
+def get_include():
+    """The folder holding ``metal_moe.h`` (for C programs: ``-I$(python -c ...)``)."""
+    return os.path.join(_HERE, "include")
+
+
+def get_library():
+    """The path of the shared library behind the C ABI (``libmetal_moe.so`` / ``.dylib``)."""
+    for pattern in ("libmetal_moe*.so*", "libmetal_moe*.dylib", "metal_moe*.dll"):
+        found = sorted(glob.glob(os.path.join(_HERE, pattern)))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"the metal_moe shared library is not installed in {_HERE}")
+
+
+# ---- contexts ----------------------------------------------------------------------------------
+def Context(backend="cpu", device=0, *, num_threads=None, cpu_isa=None):
+    """A backend context of your own (worker pool size, CPU kernel set); pass it as ``context=``."""
+    return _require_native().Context(backend, device, num_threads, cpu_isa)
+
+
+_contexts = {}
+_contexts_lock = threading.Lock()
+
+
+def _default_context(backend, device=0):
+    key = (backend, device)
+    with _contexts_lock:
+        ctx = _contexts.get(key)
+        if ctx is None:
+            ctx = _contexts[key] = _require_native().Context(backend, device)
+        return ctx
+
+
+def backends():
+    """The backends usable on this machine: built into the library and with a device present."""
+    if _native is None:
+        return []
+    return [b for b in ALL_BACKENDS if _native.backend_built(b) and _native.backend_device_count(b) > 0]
+
+
+def variants(backend="cpu"):
+    """The variants a backend implements (all of :data:`policy.VARIANTS` on every built backend)."""
+    native = _require_native()
+    return tuple(v for v in policy.VARIANTS if native.backend_has_variant(backend, v))
+
+
+# ---- statistics --------------------------------------------------------------------------------
+_stats_lock = threading.Lock()
+_stats = {"calls": 0, "fp32_fallbacks": 0, "nonfinite_after_fallback": 0, "variants": {}}
+_warned = {"fallback": False}
+
+
+def stats():
+    """Counters since start (or :func:`reset_stats`): calls, variants run, non-finite fallbacks."""
+    with _stats_lock:
+        return {**_stats, "variants": dict(_stats["variants"])}
+
+
+def reset_stats():
+    with _stats_lock:
+        _stats.update(calls=0, fp32_fallbacks=0, nonfinite_after_fallback=0, variants={})
+
+
+def _count(name, fallback=False, still_nonfinite=False):
+    with _stats_lock:
+        _stats["calls"] += 1
+        _stats["variants"][name] = _stats["variants"].get(name, 0) + 1
+        _stats["fp32_fallbacks"] += int(fallback)
+        _stats["nonfinite_after_fallback"] += int(still_nonfinite)
+
+
+# ---- arrays ------------------------------------------------------------------------------------
+def _dtype_label(arr, name, allowed):
+    """The C dtype name of an array (bfloat16 from ml_dtypes or as uint16 storage)."""
+    dt = arr.dtype
+    label = {"float16": "float16", "float32": "float32", "int32": "int32", "int64": "int64",
+             "uint16": "bfloat16", "bfloat16": "bfloat16"}.get(dt.name)
+    if label not in allowed:
+        shown = ", ".join("bfloat16 (ml_dtypes or uint16 storage)" if a == "bfloat16" else a for a in allowed)
+        raise TypeError(f"{name}: dtype {dt} is not accepted; expected {shown}")
+    return label
+
+
+def _host_array(value, name, allowed, writable=False):
+    if value is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    if isinstance(value, np.ndarray):
+        arr = value
+    else:
+        try:
+            arr = np.asarray(memoryview(value)) if not hasattr(value, "__array__") else np.asarray(value)
+        except TypeError:
+            raise TypeError(f"{name}: expected an array (buffer protocol), got {type(value).__name__}") from None
+    label = _dtype_label(arr, name, allowed)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected 2 dimensions, got shape {arr.shape}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous (strides {arr.strides} for shape {arr.shape}); "
+                         "pass np.ascontiguousarray(...) explicitly if a copy is acceptable")
+    if arr.ctypes.data % arr.dtype.itemsize:
+        raise ValueError(f"{name}: data is not aligned to its {arr.dtype.itemsize}-byte elements")
+    if writable and not arr.flags.writeable:
+        raise ValueError(f"{name}: is read-only")
+    if arr.dtype.name == "bfloat16":
+        arr = arr.view(np.uint16)
+    return arr, label
+
+
+def _projection(w):
+    return (w.trellis, w.suh.view(np.uint16), w.svh.view(np.uint16), int(round(2 * w.bits)), w.codebook)
+
+
+def _descriptor(weights):
+    for w in weights.projections + (weights.shared or ()):
+        if not (w.trellis.flags.c_contiguous and w.suh.flags.c_contiguous and w.svh.flags.c_contiguous):
+            raise ValueError("weights: every trellis/suh/svh array must be C-contiguous")
+    shared = None if weights.shared is None else tuple(_projection(w) for w in weights.shared)
+    return (weights.hidden, weights.intermediate, weights.experts, *(_projection(w) for w in weights.projections),
+            shared)
+
+
+_ACTIVATIONS = ("float16", "bfloat16", "float32")
+
+
+def resolve_kernel(batch_size, weights, kernel=None, use_fp32_acc=None, backend="cpu"):
+    """The :class:`policy.Decision` that ``fused_moe`` would run for this call."""
+    if kernel is None:
+        return policy.select(batch_size, policy.auto_fp32_acc(use_fp32_acc, weights.hidden), *weights.bits)
+    name = policy.check_variant(kernel, variants(backend))
+    if use_fp32_acc and policy.accumulates_fp16(name):
+        twin = policy.fp32_fallback(name)
+        return policy.Decision(twin, policy.TILE_N[twin], f"forced {name}, fp32 accumulation asked: its twin", True)
+    return policy.Decision(name, policy.TILE_N[name], "forced by kernel=", not policy.accumulates_fp16(name))
+
+
+def fused_moe(x, ids, p, weights, *, backend=None, kernel=None, use_fp32_acc=None, out=None, num_threads=None,
+              routed_scaling_factor=1.0, context=None):
+    """The MoE expert block: ``y[t] = rsf * sum_j p[t,j] * down_e(silu(gate_e(x[t])) * up_e(x[t])) + shared(x[t])``.
+
+    x: ``[M, hidden]`` float16, bfloat16 (ml_dtypes, or uint16 storage) or float32.
+    ids: ``[M, top_k]`` int32 or int64 expert indices.  p: ``[M, top_k]`` float32/float16/bfloat16.
+    weights: :class:`~metal_moe.MoEWeights`.  Returns ``out`` (``[M, hidden]``, x's dtype unless
+    ``out`` is given).
+
+    backend: None/"auto" (cpu for host arrays) or a name from :func:`backends`.  kernel: force a
+    variant by name (default: :mod:`metal_moe.policy`).  use_fp32_acc: None = auto (on for
+    ``hidden >= 1024``).  num_threads: cap on CPU worker threads for this call.
+
+    No input is ever copied or converted: an array the kernels cannot read as it is (wrong dtype,
+    non-contiguous, misaligned) is refused with an error naming it.  The GIL is released during
+    the call.  If an fp16-accumulating variant returns a non-finite value although x is finite,
+    the call is re-run once with its fp32-accumulating twin; this is counted in :func:`stats` and
+    warned about once.
+    """
+    if not isinstance(weights, MoEWeights):
+        raise TypeError(f"weights: expected MoEWeights, got {type(weights).__name__}")
+    if context is None:
+        if backend in (None, "auto"):
+            backend = "cpu"
+        if backend not in ALL_BACKENDS:
+            raise ValueError(f"backend: unknown backend {backend!r}; expected 'auto' or one of {ALL_BACKENDS}")
+        if backend not in backends():
+            raise ValueError(f"backend: {backend!r} is not usable on this machine; usable: {backends()}")
+        ctx = _default_context(backend)
+    else:
+        ctx = context
+        backend = ctx.backend
+    x, x_label = _host_array(x, "x", _ACTIVATIONS)
+    ids, ids_label = _host_array(ids, "ids", ("int32", "int64"))
+    p, p_label = _host_array(p, "p", _ACTIVATIONS)
+    if x.shape[1] != weights.hidden:
+        raise ValueError(f"x: expected shape [tokens, {weights.hidden}], got {x.shape}")
+    if ids.shape[0] != x.shape[0]:
+        raise ValueError(f"ids: expected {x.shape[0]} rows (one per token of x), got shape {ids.shape}")
+    if p.shape != ids.shape:
+        raise ValueError(f"p: expected the shape of ids {ids.shape}, got {p.shape}")
+    if out is None:
+        out = np.empty(x.shape, dtype=x.dtype)
+        out_label = x_label
+    else:
+        out, out_label = _host_array(out, "out", _ACTIVATIONS, writable=True)
+        if out.shape != x.shape:
+            raise ValueError(f"out: expected the shape of x {x.shape}, got {out.shape}")
+        if np.shares_memory(out, x):
+            raise ValueError("out: shares memory with x (in-place operation is not supported)")
+    if num_threads is None:
+        num_threads = 0
+    elif isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads: expected an integer, got {type(num_threads).__name__}")
+    elif num_threads < 1:
+        raise ValueError(f"num_threads: must be at least 1, got {num_threads}")
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, numbers.Real):
+        raise TypeError(f"routed_scaling_factor: expected a number, got {type(routed_scaling_factor).__name__}")
+    if not np.isfinite(routed_scaling_factor):
+        raise ValueError(f"routed_scaling_factor: must be finite, got {routed_scaling_factor}")
+    if x.shape[0] == 0:
+        return out
+    decision = resolve_kernel(x.shape[0], weights, kernel, use_fp32_acc, backend)
+    desc = _descriptor(weights)
+    view = out.view(np.uint16) if out.dtype.name == "bfloat16" else out
+
+    def run(name):
+        ctx.forward(desc, x, x_label, ids, ids_label, p, p_label, view, out_label, name, False,
+                    float(routed_scaling_factor), int(num_threads))
+
+    run(decision.name)
+    fallback = still = False
+    if policy.accumulates_fp16(decision.name):
+        finite = _finite(view, out_label)
+        if not finite and _finite(x, x_label):
+            fallback = True
+            twin = policy.fp32_fallback(decision.name)
+            if not _warned["fallback"]:
+                _warned["fallback"] = True
+                warnings.warn(f"metal_moe: {decision.name} produced non-finite values (fp16 accumulation overflow); "
+                              f"re-ran with {twin}. Counted in metal_moe.stats(); warned once.", RuntimeWarning,
+                              stacklevel=2)
+            run(twin)
+            still = not _finite(view, out_label)
+    _count(decision.name, fallback, still)
+    return out
+
+
+def _finite(arr, label):
+    if label == "bfloat16":
+        return not np.any((arr.view(np.uint16) & 0x7F80) == 0x7F80)
+    return bool(np.isfinite(arr).all())

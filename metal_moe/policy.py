@@ -1,0 +1,139 @@
+"""The kernel-selection policy: which variant runs a call (DESIGN.md section 4), in pure Python.
+
+The default table, by batch size M (tokens, never M * top_k):
+
+    M        use_fp32_acc=False                       use_fp32_acc=True
+    1        decode_G_U_D if (G,U,D) is specialised,  decode
+             else decode
+    2..16    prefill4                                 prefill4_fp32acc
+    17..32   moe_trellis_swiglu                       moe_trellis_swiglu_fp32acc
+    >= 33    large_batch (tile 128)                   moe_trellis_swiglu_fp32acc (tile 64)
+
+``use_fp32_acc=None`` means auto: on when ``hidden >= 1024``.  ``simd`` is never chosen by the
+table; ask for it by name.  The variant names here must equal the C registry
+(native/core/variants.def); a test checks that they do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+__all__ = [
+    "VARIANTS",
+    "SPECIALISED_BITS",
+    "Decision",
+    "auto_fp32_acc",
+    "check_variant",
+    "fp32_fallback",
+    "select",
+    "select_moe_kernel",
+]
+
+PREFIX = "moe_trellis_swiglu"
+DECODE = f"{PREFIX}_decode"
+PREFILL4 = f"{PREFIX}_prefill4"
+GENERAL = PREFIX
+LARGE_BATCH = f"{PREFIX}_large_batch"
+SIMD = f"{PREFIX}_simd"
+FP32ACC = "_fp32acc"
+
+# (gate, up, down) bit triples with a compile-time decode specialisation.
+SPECIALISED_BITS = ((6, 2, 3), (6, 3, 4), (6, 2, 4))
+
+VARIANTS = (
+    DECODE,
+    *(f"{DECODE}_{g}_{u}_{d}" for g, u, d in SPECIALISED_BITS),
+    PREFILL4,
+    PREFILL4 + FP32ACC,
+    GENERAL,
+    GENERAL + FP32ACC,
+    LARGE_BATCH,
+    SIMD,
+)
+
+TILE_N = {name: 128 if name == LARGE_BATCH else 64 for name in VARIANTS}
+
+# The fp32-accumulating variant an fp16-accumulating one falls back to (non-finite output, or
+# fp32 asked for); fp32 variants map to themselves.
+_FALLBACK = {
+    PREFILL4: PREFILL4 + FP32ACC,
+    GENERAL: GENERAL + FP32ACC,
+    LARGE_BATCH: GENERAL + FP32ACC,
+}
+
+AUTO_FP32_HIDDEN = 1024      # use_fp32_acc=None turns fp32 accumulation on from this hidden size
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """A policy decision: the variant, its tile width, and the rule that made it."""
+
+    name: str
+    tile_n: int
+    rule: str
+    use_fp32_acc: bool
+
+
+def fp32_fallback(name):
+    """The fp32-accumulating variant to re-run with (``name`` itself if it accumulates in fp32)."""
+    check_variant(name)
+    return _FALLBACK.get(name, name)
+
+
+def accumulates_fp16(name):
+    return fp32_fallback(name) != name
+
+
+def check_variant(name, available=None):
+    """Validate a variant name (against ``available`` when given, e.g. a backend's list)."""
+    valid = VARIANTS if available is None else tuple(available)
+    if not isinstance(name, str):
+        raise TypeError(f"kernel: expected a variant name, got {type(name).__name__}")
+    if name not in valid:
+        raise ValueError(f"kernel: unknown or unavailable variant {name!r}; valid variants: {', '.join(valid)}")
+    return name
+
+
+def auto_fp32_acc(use_fp32_acc, hidden):
+    """Resolve ``use_fp32_acc`` (None = auto: on when ``hidden >= 1024``)."""
+    if use_fp32_acc is None:
+        return hidden >= AUTO_FP32_HIDDEN
+    if not isinstance(use_fp32_acc, (bool, numbers.Integral)):
+        raise TypeError(f"use_fp32_acc: expected True, False or None, got {type(use_fp32_acc).__name__}")
+    return bool(use_fp32_acc)
+
+
+def _bits_key(bits):
+    return tuple(int(b) if float(b).is_integer() else float(b) for b in bits)
+
+
+def select(batch_size, use_fp32_acc, gate_bits, up_bits, down_bits):
+    """The default table's :class:`Decision` for a call (``use_fp32_acc`` must be resolved)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size: expected an integer number of tokens, got {type(batch_size).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be at least 1 token, got {batch_size}")
+    fp32 = bool(use_fp32_acc)
+    bits = _bits_key((gate_bits, up_bits, down_bits))
+    if batch_size == 1:
+        if not fp32 and bits in SPECIALISED_BITS:
+            name = f"{DECODE}_{bits[0]}_{bits[1]}_{bits[2]}"
+            return Decision(name, 64, f"batch 1 and bits {bits} have a compile-time decode", fp32)
+        why = "decode has no fp32acc twin; it accumulates in fp32" if fp32 else f"bits {bits} are not specialised"
+        return Decision(DECODE, 64, f"batch 1: {why}", fp32)
+    if batch_size <= 16:
+        name = PREFILL4 + (FP32ACC if fp32 else "")
+        return Decision(name, 64, "batch 2..16: 4 tokens share each decoded tile", fp32)
+    if batch_size <= 32:
+        name = GENERAL + (FP32ACC if fp32 else "")
+        return Decision(name, 64, "batch 17..32: the general tile", fp32)
+    if fp32:
+        return Decision(GENERAL + FP32ACC, 64, "batch >= 33 with fp32 accumulation: large_batch has no fp32acc twin", fp32)
+    return Decision(LARGE_BATCH, 128, "batch >= 33: wide tiles, maximum throughput", fp32)
+
+
+def select_moe_kernel(batch_size, use_fp32_acc, gate_bits, up_bits, down_bits):
+    """``(name, tile_n)`` of the default table (DESIGN.md section 4)."""
+    d = select(batch_size, use_fp32_acc, gate_bits, up_bits, down_bits)
+    return d.name, d.tile_n

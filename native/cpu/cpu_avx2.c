@@ -1,0 +1,59 @@
+/* The AVX2 + FMA + F16C CPU kernels: gemm_template.h over __m256.  Compiled with -mavx2 -mfma
+ * -mf16c and called only after a run-time check of the processor (cpu_backend.c).
+ *
+ * Decoding one group of 8 weights: one unaligned load of 8 stream words, two lane permutes and a
+ * funnel shift give the 8 states; 3INST/MCG: one multiply(-add), and/xor, two fp16->fp32
+ * conversions and a pairwise add (whose lane shuffle produces the lane order, so states are taken
+ * in natural order), then the single fp16 rounding; MUL1: multiply, byte sum, one FMA, rounding. */
+#include <immintrin.h>
+
+#include "cpu_kernels.h"
+
+typedef __m256 mmv;
+
+static inline mmv mmv_zero(void) { return _mm256_setzero_ps(); }
+static inline mmv mmv_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline mmv mmv_broadcast(float f) { return _mm256_set1_ps(f); }
+static inline mmv mmv_fma(mmv a, mmv b, mmv c) { return _mm256_fmadd_ps(a, b, c); }
+static inline mmv mmv_add(mmv a, mmv b) { return _mm256_add_ps(a, b); }
+static inline mmv mmv_round16(mmv a) { return _mm256_cvtph_ps(_mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT)); }
+static inline void mmv_store(float *p, mmv a) { _mm256_storeu_ps(p, a); }
+
+static inline mmv mm_decode_group(const mm_u32 *ext, const mm_decode_tables *tables, int kx2, int G, int CB,
+                                  const mm_kernel_env *env)
+{
+    (void)env;
+    const mm_group_table *tab = CB == MM_CB_MUL1 ? &tables->lanes[kx2] : &tables->natural[kx2];
+    const __m256i words = _mm256_loadu_si256((const __m256i *)(ext + tab->base[G]));
+    const __m256i idx = _mm256_loadu_si256((const __m256i *)tab->idx[G]);
+    const __m256i sh = _mm256_loadu_si256((const __m256i *)tab->sh[G]);
+    const __m256i hi = _mm256_permutevar8x32_epi32(words, idx);
+    const __m256i lo = _mm256_permutevar8x32_epi32(words, _mm256_add_epi32(idx, _mm256_set1_epi32(1)));
+    /* a shift count of 32 gives 0, which is what an offset of 0 needs */
+    const __m256i window = _mm256_or_si256(_mm256_sllv_epi32(hi, sh),
+                                           _mm256_srlv_epi32(lo, _mm256_sub_epi32(_mm256_set1_epi32(32), sh)));
+    const __m256i state = _mm256_srli_epi32(window, 16);
+    __m256 value;
+    if (CB == MM_CB_MUL1) {
+        const __m256i x = _mm256_mullo_epi32(state, _mm256_set1_epi32((int)MM_MUL1_MUL));
+        const __m256i bytes = _mm256_set1_epi32(0x00FF00FF);
+        const __m256i pairs = _mm256_add_epi32(_mm256_and_si256(x, bytes), _mm256_and_si256(_mm256_srli_epi32(x, 8), bytes));
+        const __m256i s = _mm256_add_epi32(_mm256_and_si256(pairs, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(pairs, 16));
+        const __m256 h = _mm256_cvtepi32_ps(_mm256_add_epi32(s, _mm256_set1_epi32(1024)));
+        value = _mm256_fmadd_ps(h, _mm256_set1_ps(MM_MUL1_A), _mm256_set1_ps(MM_MUL1_B));
+    } else {
+        __m256i x = CB == MM_CB_MCG
+                        ? _mm256_mullo_epi32(state, _mm256_set1_epi32((int)MM_MCG_MUL))
+                        : _mm256_add_epi32(_mm256_mullo_epi32(state, _mm256_set1_epi32((int)MM_3INST_MUL)),
+                                           _mm256_set1_epi32((int)MM_3INST_ADD));
+        x = _mm256_xor_si256(_mm256_and_si256(x, _mm256_set1_epi32((int)MM_HALF_MASK)), _mm256_set1_epi32((int)MM_HALF_XOR));
+        const __m256 first = _mm256_cvtph_ps(_mm256_castsi256_si128(x));        /* halves of lanes 0..3 */
+        const __m256 second = _mm256_cvtph_ps(_mm256_extracti128_si256(x, 1));  /* halves of lanes 4..7 */
+        value = _mm256_hadd_ps(first, second);     /* positions 0,1,4,5,2,3,6,7: the lane order */
+    }
+    return mmv_round16(value);
+}
+
+#define MM_ISA_NAME "avx2+fma+f16c"
+#define MM_KERNELS_NAME mm_cpu_kernels_avx2
+#include "gemm_template.h"

@@ -1,0 +1,87 @@
+/*
+ * CPU kernels: the interface between the CPU backend's driver (cpu_backend.c) and the kernel
+ * template (gemm_template.h), which is compiled twice: once portable (cpu_scalar.c) and once for
+ * AVX2+FMA+F16C (cpu_avx2.c).  The driver picks one set at context creation.
+ *
+ * Vocabulary
+ *   group   8 consecutive positions 8G..8G+7 of a tile (G = 0..31); decoded as one 8-lane vector
+ *   lane order  a group's lanes hold positions 8G + {0,1,4,5,2,3,6,7}: in tile coordinates the rows
+ *           {2a, 2a+1, 2a, 2a+1, 2a+8, 2a+9, 2a+8, 2a+9} (a = G mod 4) of the columns
+ *           {c, c, c+8, c+8, c, c, c+8, c+8} (c = G div 4).  This is the order in which the AVX2
+ *           decoder's pairwise fp16 add leaves them, and every kernel uses it.
+ *   group input  the layout of a rotated input vector that matches lane order: for each 16-row
+ *           k-tile i and a = 0..3, the 8 values x[16i + row(a, lane)] (2*k floats per token).
+ */
+#ifndef MM_CPU_KERNELS_H
+#define MM_CPU_KERNELS_H
+
+#include <stdint.h>
+
+#include "mm_exl3.h"
+
+#define MM_GROUPS 32            /* groups per tile */
+#define MM_LANES 8
+#define MM_EXT_PAD 9            /* extended stream: 1 wrap word before, 8 pad words after */
+#define MM_EXT_MAX (4 * MM_KX2_MAX + MM_EXT_PAD)
+#define MM_MICRO_TOKENS 32      /* tokens per decoded panel in the simd (micro-kernel) variant */
+
+/* Where the 16-bit states of one group come from, for one rate: load 8 words of the extended
+ * stream at `base`, lane l takes bits from words idx[l], idx[l]+1 shifted left by sh[l]. */
+typedef struct mm_group_table {
+    int32_t base[MM_GROUPS];
+    int32_t idx[MM_GROUPS][MM_LANES];
+    int32_t sh[MM_GROUPS][MM_LANES];
+} mm_group_table;
+
+/* Tables for every rate kx2 = 0..16 (0, 1 unused); `natural`: lanes in position order 8G+l;
+ * `lanes`: lanes in lane order (see above). */
+typedef struct mm_decode_tables {
+    mm_group_table natural[MM_KX2_MAX + 1];
+    mm_group_table lanes[MM_KX2_MAX + 1];
+} mm_decode_tables;
+
+/* Read-only state shared by all kernels of a context. */
+typedef struct mm_kernel_env {
+    const mm_decode_tables *tables;
+    const float *lut[3];            /* codebook value of every 16-bit state (portable kernels) */
+} mm_kernel_env;
+
+/* One work item: columns [16*j0, 16*(j0+nj)) of `ntok` tokens' products with one expert's W_q. */
+typedef struct mm_gemm_job {
+    const mm_u32 *tiles;            /* the expert's trellis as 32-bit words */
+    int k_tiles, n_tiles;           /* in/16, out/16 */
+    int kx2, codebook;
+    int j0, nj;
+    int ntok;                       /* 1..tokens_per_tile of the kernel */
+    const float *const *in;         /* per token: the rotated input (group layout, or plain for micro) */
+    float *const *out;              /* per token: the output row [out] */
+    int round_out;                  /* 1: round results to fp16 */
+} mm_gemm_job;
+
+typedef void (*mm_gemm_fn)(const mm_kernel_env *env, const mm_gemm_job *job);
+
+/* The kernels of one instruction set, each a specialisation of gemm_template.h. */
+typedef struct mm_cpu_kernels {
+    const char *isa;
+    /* group-layout kernels: [tokens per tile][fp32 accumulate] with run-time rate */
+    mm_gemm_fn group_t1_f32, group_t4_f16, group_t4_f32, group_t8_f16, group_t8_f32, group_t16_f16;
+    /* tokens = 1, fp32, compile-time rate kx2 = 4, 6, 8, 12 (the specialised decode triples) */
+    mm_gemm_fn group_t1_f32_k4, group_t1_f32_k6, group_t1_f32_k8, group_t1_f32_k12;
+    /* the register-blocked micro-kernel (plain input layout) */
+    mm_gemm_fn micro;
+    /* decode one [in, out] weight to fp16 W_q (tests) */
+    void (*decode)(const mm_kernel_env *env, const mm_u32 *tiles, int k_tiles, int n_tiles, int kx2, int codebook,
+                   uint16_t *out);
+} mm_cpu_kernels;
+
+extern const mm_cpu_kernels mm_cpu_kernels_scalar;
+#if defined(MM_HAVE_AVX2)
+extern const mm_cpu_kernels mm_cpu_kernels_avx2;
+#endif
+
+/* Lane order: position offset within the group, tile row offset (add 2a) and column offset (add c). */
+static const int mm_lane_pos[MM_LANES] = {0, 1, 4, 5, 2, 3, 6, 7};
+static const int mm_lane_row[MM_LANES] = {0, 1, 0, 1, 8, 9, 8, 9};
+static const int mm_lane_col[MM_LANES] = {0, 0, 8, 8, 0, 0, 8, 8};
+
+#endif

@@ -19,19 +19,35 @@ static inline mmv mmv_add(mmv a, mmv b) { return _mm256_add_ps(a, b); }
 static inline mmv mmv_round16(mmv a) { return _mm256_cvtph_ps(_mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT)); }
 static inline void mmv_store(float *p, mmv a) { _mm256_storeu_ps(p, a); }
 
-static inline mmv mm_decode_group(const mm_u32 *ext, const mm_decode_tables *tables, int kx2, int G, int CB,
-                                  const mm_kernel_env *env)
+#define MM_LANE_VECTOR(f, G, K, order, add)                                                          \
+    _mm256_setr_epi32(add + f(G, order ? 0 : 0, K), add + f(G, order ? 1 : 1, K), add + f(G, order ? 4 : 2, K), \
+                      add + f(G, order ? 5 : 3, K), add + f(G, order ? 2 : 4, K), add + f(G, order ? 3 : 5, K), \
+                      add + f(G, order ? 6 : 6, K), add + f(G, order ? 7 : 7, K))
+
+static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const mm_decode_tables *tables, int KX2,
+                                  int kx2, int G, int CB, const mm_kernel_env *env)
 {
     (void)env;
-    const mm_group_table *tab = CB == MM_CB_MUL1 ? &tables->lanes[kx2] : &tables->natural[kx2];
-    const __m256i words = _mm256_loadu_si256((const __m256i *)(ext + tab->base[G]));
-    const __m256i idx = _mm256_loadu_si256((const __m256i *)tab->idx[G]);
-    const __m256i sh = _mm256_loadu_si256((const __m256i *)tab->sh[G]);
+    const int lane_order = CB == MM_CB_MUL1;     /* 3INST/MCG: natural order, the pairwise add reorders */
+    __m256i words, idx, idx1, sh, rsh;
+    if (KX2) {                                   /* compile-time rate: every table entry is a constant */
+        words = _mm256_loadu_si256((const __m256i *)((mm_group_wraps(G, KX2) ? head : tile) + mm_group_base(G, KX2)));
+        idx = MM_LANE_VECTOR(mm_group_idx, G, KX2, lane_order, 0);
+        idx1 = MM_LANE_VECTOR(mm_group_idx, G, KX2, lane_order, 1);
+        sh = MM_LANE_VECTOR(mm_group_sh, G, KX2, lane_order, 0);
+        rsh = _mm256_sub_epi32(_mm256_set1_epi32(32), sh);
+    } else {
+        const mm_group_table *tab = lane_order ? &tables->lanes[kx2] : &tables->natural[kx2];
+        words = _mm256_loadu_si256((const __m256i *)((G < 2 && tab->wrap[G] ? head : tile) + tab->base[G]));
+        idx = _mm256_loadu_si256((const __m256i *)tab->idx[G]);
+        idx1 = _mm256_loadu_si256((const __m256i *)tab->idx1[G]);
+        sh = _mm256_loadu_si256((const __m256i *)tab->sh[G]);
+        rsh = _mm256_loadu_si256((const __m256i *)tab->rsh[G]);
+    }
     const __m256i hi = _mm256_permutevar8x32_epi32(words, idx);
-    const __m256i lo = _mm256_permutevar8x32_epi32(words, _mm256_add_epi32(idx, _mm256_set1_epi32(1)));
-    /* a shift count of 32 gives 0, which is what an offset of 0 needs */
-    const __m256i window = _mm256_or_si256(_mm256_sllv_epi32(hi, sh),
-                                           _mm256_srlv_epi32(lo, _mm256_sub_epi32(_mm256_set1_epi32(32), sh)));
+    const __m256i lo = _mm256_permutevar8x32_epi32(words, idx1);
+    /* a right shift by 32 gives 0, which is what an offset of 0 needs */
+    const __m256i window = _mm256_or_si256(_mm256_sllv_epi32(hi, sh), _mm256_srlv_epi32(lo, rsh));
     const __m256i state = _mm256_srli_epi32(window, 16);
     __m256 value;
     if (CB == MM_CB_MUL1) {

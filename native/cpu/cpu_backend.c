@@ -44,16 +44,15 @@ static void mm_fill_group_tables(mm_decode_tables *tables)
         for (int order = 0; order < 2; ++order) {
             mm_group_table *tab = order ? &tables->lanes[kx2] : &tables->natural[kx2];
             for (int G = 0; G < MM_GROUPS; ++G) {
-                int dword[MM_LANES], base = 1 << 30;
+                tab->wrap[G] = mm_group_wraps(G, kx2);
+                tab->base[G] = mm_group_base(G, kx2);
                 for (int l = 0; l < MM_LANES; ++l) {
-                    const int p = 8 * G + (order ? mm_lane_pos[l] : l);
-                    const int start = mm_position_end(p, kx2) - 16 + 32;     /* in extended-stream bits */
-                    dword[l] = start >> 5;
-                    tab->sh[G][l] = start & 31;
-                    if (dword[l] < base) base = dword[l];
+                    const int pos = order ? mm_lane_pos[l] : l;
+                    tab->idx[G][l] = mm_group_idx(G, pos, kx2);          /* 0..7 */
+                    tab->idx1[G][l] = tab->idx[G][l] + 1;                /* 8 only with sh = 0: shifted out */
+                    tab->sh[G][l] = mm_group_sh(G, pos, kx2);
+                    tab->rsh[G][l] = 32 - tab->sh[G][l];
                 }
-                tab->base[G] = base;
-                for (int l = 0; l < MM_LANES; ++l) tab->idx[G][l] = dword[l] - base;   /* 0..3 */
             }
         }
     }

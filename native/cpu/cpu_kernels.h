@@ -21,16 +21,21 @@
 
 #define MM_GROUPS 32            /* groups per tile */
 #define MM_LANES 8
-#define MM_EXT_PAD 9            /* extended stream: 1 wrap word before, 8 pad words after */
-#define MM_EXT_MAX (4 * MM_KX2_MAX + MM_EXT_PAD)
+#define MM_HEAD 9               /* a tile's last word followed by its first 8 (the tail-biting wrap) */
 #define MM_MICRO_TOKENS 32      /* tokens per decoded panel in the simd (micro-kernel) variant */
 
-/* Where the 16-bit states of one group come from, for one rate: load 8 words of the extended
- * stream at `base`, lane l takes bits from words idx[l], idx[l]+1 shifted left by sh[l]. */
+/* Where the 16-bit states of one group come from, for one rate: 8 words are loaded from the tile
+ * at word `base` (or, for the groups whose windows wrap around the ring, from the tile's head:
+ * its last word, then its first 8); lane l's window is (word idx[l] << sh[l]) |
+ * (word idx[l]+1 >> (32 - sh[l])), its state the top 16 bits.  Loads never pass the tile's end
+ * (base <= words - 8); idx1 = idx + 1 and rsh = 32 - sh are stored to save the arithmetic. */
 typedef struct mm_group_table {
+    int32_t wrap[MM_GROUPS];        /* 1: read from the head */
     int32_t base[MM_GROUPS];
     int32_t idx[MM_GROUPS][MM_LANES];
+    int32_t idx1[MM_GROUPS][MM_LANES];
     int32_t sh[MM_GROUPS][MM_LANES];
+    int32_t rsh[MM_GROUPS][MM_LANES];
 } mm_group_table;
 
 /* Tables for every rate kx2 = 0..16 (0, 1 unused); `natural`: lanes in position order 8G+l;
@@ -78,6 +83,24 @@ extern const mm_cpu_kernels mm_cpu_kernels_scalar;
 #if defined(MM_HAVE_AVX2)
 extern const mm_cpu_kernels mm_cpu_kernels_avx2;
 #endif
+
+/* The group tables' entries as arithmetic, so that a compile-time rate folds them to constants
+ * (mm_fill_group_tables uses the same functions).  start = first window bit counted from the head
+ * (the tile's last word); only groups 0 and 1 can wrap (a window starts before bit 0 only for
+ * positions p < 15). */
+static inline int mm_group_start(int G, int pos, int kx2) { return mm_position_end(8 * G + pos, kx2) + 16; }
+static inline int mm_group_wraps(int G, int kx2) { return G < 2 && (mm_group_start(G, 0, kx2) >> 5) == 0; }
+static inline int mm_group_base(int G, int kx2)
+{
+    if (mm_group_wraps(G, kx2)) return 0;
+    const int first = (mm_group_start(G, 0, kx2) >> 5) - 1, last = mm_tile_dwords(kx2) - 8;
+    return first < last ? first : last;
+}
+static inline int mm_group_idx(int G, int pos, int kx2)
+{
+    return (mm_group_start(G, pos, kx2) >> 5) - (mm_group_wraps(G, kx2) ? 0 : 1) - mm_group_base(G, kx2);
+}
+static inline int mm_group_sh(int G, int pos, int kx2) { return mm_group_start(G, pos, kx2) & 31; }
 
 /* Lane order: position offset within the group, tile row offset (add 2a) and column offset (add c). */
 static const int mm_lane_pos[MM_LANES] = {0, 1, 4, 5, 2, 3, 6, 7};

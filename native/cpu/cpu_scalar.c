@@ -23,12 +23,13 @@ static inline void mmv_store(float *p, mmv a)
     for (int l = 0; l < MM_LANES; ++l) p[l] = a.v[l];
 }
 
-static inline mmv mm_decode_group(const mm_u32 *ext, const mm_decode_tables *tables, int kx2, int G, int CB,
-                                  const mm_kernel_env *env)
+static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const mm_decode_tables *tables, int KX2,
+                                  int kx2, int G, int CB, const mm_kernel_env *env)
 {
+    (void)KX2;
     const mm_group_table *tab = &tables->lanes[kx2];
     const float *lut = env->lut[CB];
-    const mm_u32 *words = ext + tab->base[G];
+    const mm_u32 *words = (G < 2 && tab->wrap[G] ? head : tile) + tab->base[G];
     mmv w;
     for (int l = 0; l < MM_LANES; ++l) {
         const int q = tab->idx[G][l], sh = tab->sh[G][l];

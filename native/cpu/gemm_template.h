@@ -8,7 +8,8 @@
  *   mmv_zero(), mmv_load(p), mmv_broadcast(f), mmv_fma(a, b, c) = a*b + c, mmv_add(a, b)
  *   mmv_round16(v)                  each lane rounded to the nearest fp16 value
  *   mmv_store(p, v)
- *   mm_decode_group(ext, tables, kx2, G, CB, env)   the 8 decoded weights of group G, in lane order
+ *   mm_decode_group(tile, head, tables, KX2, kx2, G, CB, env)   the 8 decoded weights of group G, in
+ *                                   lane order (KX2: the compile-time rate or 0; kx2: the rate)
  *   MM_ISA_NAME                     a string for mm_context_simd()
  *
  * Families
@@ -28,14 +29,26 @@
 
 #define MM_INLINE static inline __attribute__((always_inline))
 #define MM_MAX_T 16
+#define MM_PREFETCH_TILES 6     /* tiles along k fetched ahead: consecutive k-tiles are a row of tiles apart,
+                                   farther than the hardware prefetcher follows */
 
-/* The tile's stream with one wrap word in front and 8 padding words behind, so that every 8-word
- * load of a group is in bounds and the tail-biting windows need no special case. */
-MM_INLINE void mm_build_ext(const mm_u32 *tile, int nd, mm_u32 *ext)
+/* Ask for the (up to 2) cache lines of a tile that will be needed soon. */
+MM_INLINE void mm_prefetch_tile(const mm_u32 *tile, int nd)
 {
-    ext[0] = tile[nd - 1];
-    memcpy(ext + 1, tile, (size_t)nd * sizeof *tile);
-    for (int q = 0; q < 8; ++q) ext[nd + 1 + q] = tile[q % nd];
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(tile, 0, 0);
+    if (nd > 16) __builtin_prefetch(tile + 16, 0, 0);
+#else
+    (void)tile;
+    (void)nd;
+#endif
+}
+
+/* The tile's head: its last word, then its first 8, for the groups whose windows wrap around. */
+MM_INLINE void mm_build_head(const mm_u32 *tile, int nd, mm_u32 *head)
+{
+    head[0] = tile[nd - 1];
+    memcpy(head + 1, tile, 8 * sizeof *tile);
 }
 
 /* Sum of lanes {0,1,4,5} (column c) and {2,3,6,7} (column c+8) of a lane-order vector. */
@@ -47,21 +60,24 @@ MM_INLINE void mm_reduce_columns(mmv v, float *col_c, float *col_c8)
     *col_c8 = (lanes[2] + lanes[3]) + (lanes[6] + lanes[7]);
 }
 
+/* acc and part are [T][8] arrays of the caller's, sized exactly, so that small ones live in registers. */
 MM_INLINE void mm_group_kernel_body(const mm_kernel_env *env, const mm_gemm_job *job, const int T, const int F32ACC,
-                                    const int KX2, const int CB)
+                                    const int KX2, const int CB, mmv (*acc)[8], mmv (*part)[8])
 {
     const int kx2 = KX2 ? KX2 : job->kx2;
     const int nd = mm_tile_dwords(kx2);
     const float *in[MM_MAX_T];
     for (int t = 0; t < T; ++t) in[t] = job->in[t < job->ntok ? t : 0];     /* spare lanes repeat token 0 */
-    mm_u32 ext[MM_EXT_MAX];
+    mm_u32 head[MM_HEAD];
     for (int jj = 0; jj < job->nj; ++jj) {
         const int j = job->j0 + jj;
-        mmv acc[MM_MAX_T][8], part[MM_MAX_T][8];
         for (int t = 0; t < T; ++t)
             for (int c = 0; c < 8; ++c) acc[t][c] = mmv_zero();
         for (int i = 0; i < job->k_tiles; ++i) {
-            mm_build_ext(job->tiles + ((size_t)i * job->n_tiles + j) * nd, nd, ext);
+            const mm_u32 *tile = job->tiles + ((size_t)i * job->n_tiles + j) * nd;
+            if (i + MM_PREFETCH_TILES < job->k_tiles)
+                mm_prefetch_tile(tile + (size_t)MM_PREFETCH_TILES * job->n_tiles * nd, nd);
+            mm_build_head(tile, nd, head);
             if (!F32ACC)
                 for (int t = 0; t < T; ++t)
                     for (int c = 0; c < 8; ++c) part[t][c] = mmv_zero();
@@ -69,7 +85,7 @@ MM_INLINE void mm_group_kernel_body(const mm_kernel_env *env, const mm_gemm_job 
             for (int c = 0; c < 8; ++c) {
 #pragma GCC unroll 4
                 for (int a = 0; a < 4; ++a) {
-                    const mmv w = mm_decode_group(ext, env->tables, kx2, 4 * c + a, CB, env);
+                    const mmv w = mm_decode_group(tile, head, env->tables, KX2, kx2, 4 * c + a, CB, env);
                     for (int t = 0; t < T; ++t) {
                         const mmv x = mmv_load(in[t] + (size_t)(4 * i + a) * MM_LANES);
                         if (F32ACC) acc[t][c] = mmv_fma(x, w, acc[t][c]);
@@ -91,14 +107,15 @@ MM_INLINE void mm_group_kernel_body(const mm_kernel_env *env, const mm_gemm_job 
 }
 
 /* One specialisation per (tokens, accumulation, rate); the codebook becomes a constant by a switch. */
-#define MM_GROUP_INSTANCE(fname, T, F32ACC, KX2)                                             \
-    static void fname(const mm_kernel_env *env, const mm_gemm_job *job)                      \
-    {                                                                                        \
-        switch (job->codebook) {                                                             \
-        case MM_CB_3INST: mm_group_kernel_body(env, job, T, F32ACC, KX2, 0); break;    \
-        case MM_CB_MCG: mm_group_kernel_body(env, job, T, F32ACC, KX2, 1); break;      \
-        default: mm_group_kernel_body(env, job, T, F32ACC, KX2, 2); break;                   \
-        }                                                                                    \
+#define MM_GROUP_INSTANCE(fname, T, F32ACC, KX2)                                                 \
+    static void fname(const mm_kernel_env *env, const mm_gemm_job *job)                          \
+    {                                                                                            \
+        mmv acc[T][8], part[F32ACC ? 1 : T][8];                                                  \
+        switch (job->codebook) {                                                                 \
+        case MM_CB_3INST: mm_group_kernel_body(env, job, T, F32ACC, KX2, 0, acc, part); break;   \
+        case MM_CB_MCG: mm_group_kernel_body(env, job, T, F32ACC, KX2, 1, acc, part); break;     \
+        default: mm_group_kernel_body(env, job, T, F32ACC, KX2, 2, acc, part); break;            \
+        }                                                                                        \
     }
 
 MM_GROUP_INSTANCE(group_t1_f32, 1, 1, 0)
@@ -116,11 +133,11 @@ MM_GROUP_INSTANCE(group_t1_f32_k12, 1, 1, 12)
 MM_INLINE void mm_decode_tile_rows(const mm_kernel_env *env, const mm_u32 *tile, int kx2, const int CB, float *rows,
                                    int stride)
 {
-    mm_u32 ext[MM_EXT_MAX];
+    mm_u32 head[MM_HEAD];
     float lanes[MM_LANES];
-    mm_build_ext(tile, mm_tile_dwords(kx2), ext);
+    mm_build_head(tile, mm_tile_dwords(kx2), head);
     for (int G = 0; G < MM_GROUPS; ++G) {
-        mmv_store(lanes, mm_decode_group(ext, env->tables, kx2, G, CB, env));
+        mmv_store(lanes, mm_decode_group(tile, head, env->tables, 0, kx2, G, CB, env));
         const int r0 = 2 * (G & 3), c0 = G >> 2;
         for (int l = 0; l < MM_LANES; ++l) rows[(r0 + mm_lane_row[l]) * stride + c0 + mm_lane_col[l]] = lanes[l];
     }

@@ -182,6 +182,9 @@ class MoEWeights:
         codebooks = (codebook,) * 3 if isinstance(codebook, str) else tuple(codebook)
         if len(codebooks) != 3:
             raise ValueError(f"codebook: expected one name or a (gate, up, down) triple, got {codebook!r}")
+        for value, name in ((hidden, "hidden"), (intermediate, "intermediate")):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % 128:
+                raise ValueError(f"{name}: must be a positive multiple of 128, got {value!r}")
         bits = tuple(bits) if not isinstance(bits, (int, float)) else (bits,) * 3
         if len(bits) != 3:
             raise ValueError(f"bits: expected (gate, up, down), got {bits!r}")
@@ -196,6 +199,10 @@ class MoEWeights:
 
         gate, up, down = make(experts)
         shared_expert = SharedExpert(*make(None)) if shared else None
+        if preset is not None:      # the preset as built: overrides included, top_k no larger than experts
+            preset = dataclasses.replace(preset, hidden=hidden, intermediate=intermediate, experts=experts,
+                                         top_k=min(preset.top_k, experts), bits=bits, shared=bool(shared),
+                                         codebook=codebooks[0])
         return cls(gate, up, down, shared_expert, preset=preset)
 
     # ---- safetensors ------------------------------------------------------------------------
@@ -207,6 +214,8 @@ class MoEWeights:
         ``{prefix}.shared_experts.*`` when present) from one or more ``.safetensors`` files; only
         those tensors are read.  Experts must be numbered ``0..E-1`` without gaps.
         """
+        import contextlib
+
         from safetensors import safe_open
 
         if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__"):
@@ -217,21 +226,25 @@ class MoEWeights:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a string, got {type(prefix).__name__}")
         prefix = prefix.rstrip(".")
-        handles, where = [], {}
-        for path in paths:
-            handle = safe_open(str(path), framework="np")
-            handles.append(handle)
-            for key in handle.keys():
-                if key.startswith(prefix + "."):
-                    where[key] = handle
+        with contextlib.ExitStack() as stack:
+            where = {}
+            for path in paths:
+                handle = stack.enter_context(safe_open(str(path), framework="np"))
+                for key in handle.keys():
+                    if key.startswith(prefix + "."):
+                        where[key] = handle
 
-        def tensor(key):
-            return where[key].get_tensor(key) if key in where else None
+            def tensor(key):
+                return where[key].get_tensor(key) if key in where else None
 
-        pattern = re.compile(re.escape(prefix) + r"\.experts\.(\d+)\.gate_proj\.(trellis|weight)$")
-        numbers = sorted(int(m.group(1)) for k in where if (m := pattern.match(k)))
+            return cls._from_tensors(tensor, where.keys(), prefix, paths)
+
+    @classmethod
+    def _from_tensors(cls, tensor, keys, prefix, paths):
+        pattern = re.compile(re.escape(prefix) + r"\.experts\.(\d+)\.")
+        numbers = sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
         if not numbers:
-            raise ValueError(f"prefix: no tensor {prefix}.experts.<e>.gate_proj.trellis in {paths}")
+            raise ValueError(f"prefix: no tensor {prefix}.experts.<e>.gate_proj.trellis (nor any expert tensor) in {[str(p) for p in paths]}")
         if numbers != list(range(len(numbers))):
             missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
             raise ValueError(f"missing tensor: {prefix}.experts.{missing[0]}.gate_proj.trellis (experts must be 0..E-1)")
@@ -249,7 +262,7 @@ class MoEWeights:
             projections.append(TrellisWeight(*stacked, first.codebook))
         shared = None
         for name in ("shared_expert", "shared_experts"):
-            if f"{prefix}.{name}.gate_proj.trellis" in where:
+            if any(k.startswith(f"{prefix}.{name}.") for k in keys):
                 shared = SharedExpert(*(_load_layer(tensor, f"{prefix}.{name}.{proj}_proj") for proj in PROJECTIONS))
                 break
         return cls(*projections, shared)

@@ -100,7 +100,8 @@ def test_random_preset(name):
     experts = SMALL_EXPERTS[name]
     weights = MoEWeights.random(name, experts=experts, seed=5)
     assert (weights.hidden, weights.intermediate, weights.experts) == (hidden, intermediate, experts)
-    assert weights.bits == bits and weights.top_k == top_k
+    # the preset as built: a top_k larger than the experts built is capped at their number
+    assert weights.bits == bits and weights.top_k == min(top_k, weights.experts)
     assert weights.gate.trellis.shape == (experts, hidden // 16, intermediate // 16, 16 * bits[0])
     assert weights.down.trellis.shape == (experts, intermediate // 16, hidden // 16, 16 * bits[2])
     assert (weights.shared is not None) == shared
@@ -195,6 +196,12 @@ def test_from_safetensors_reads_only_the_prefix(tmp_path, monkeypatch):
     class Recording:
         def __init__(self, *args, **kwargs):
             self._handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._handle.__exit__(*exc)
 
         def keys(self):
             return self._handle.keys()

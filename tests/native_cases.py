@@ -1,0 +1,85 @@
+"""Shared cases for the kernel tests: small random MoE layers, routings and their float64 references.
+
+Tolerances (max |y - ref| over the output, relative to max |ref|), per accumulation mode:
+  * fp32 accumulation: 4e-3.  Every variant keeps the EXL3 kernel's fp16 intermediates (x*suh,
+    the rotated inputs, the gate/up results, silu, the product, the down input: FORMAT.md 5), each
+    a rounding of relative size <= 2^-11 = 4.9e-4; about six of them in a chain give ~1e-3 at the
+    worst element (measured: <= 1.2e-3 at hidden 256, 0.9e-3 at hidden 2048).
+  * fp16 accumulation: 1e-2.  The running sums are also rounded to fp16 after every 16-row
+    k-slice (hidden/16 and intermediate/16 more roundings, on sums larger than the result);
+    measured <= 2.7e-3.
+"""
+
+import functools
+import zlib
+
+import numpy as np
+
+import metal_moe as mm
+from metal_moe import policy, reference
+
+HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 256, 384, 8, 2
+TOL = {True: 4e-3, False: 1e-2}      # keyed by "accumulates in fp32"
+BITS = [(6, 2, 3), (4, 2, 3), (1, 8, 5), (6, 3, 4), (6, 2, 4)]
+HALF_BITS = [(2.5, 1.5, 3.5)]        # mul1 only
+CODEBOOKS = ["3inst", "mcg", "mul1"]
+BATCHES = [1, 2, 3, 5, 16, 17, 33, 64]
+RSF = 1.25
+
+
+def seed_of(*key):
+    return zlib.crc32(repr(key).encode())
+
+
+@functools.lru_cache(maxsize=None)
+def weights(codebook, bits, shared):
+    return mm.MoEWeights.random(hidden=HIDDEN, intermediate=INTERMEDIATE, experts=EXPERTS, bits=bits,
+                                codebook=codebook, shared=shared, seed=seed_of(codebook, bits, shared))
+
+
+@functools.lru_cache(maxsize=None)
+def inputs(batch, seed=0):
+    rng = np.random.default_rng(seed_of(batch, seed))
+    x = rng.standard_normal((batch, HIDDEN)).astype(np.float16)
+    ids, p = reference.route(rng.standard_normal((batch, EXPERTS)), TOP_K)
+    return x, ids, p
+
+
+@functools.lru_cache(maxsize=None)
+def expected(codebook, bits, shared, batch):
+    x, ids, p = inputs(batch)
+    return reference.moe_forward(x, ids, p, weights(codebook, bits, shared), routed_scaling_factor=RSF)
+
+
+def variants_for(bits):
+    """Every variant that can run weights of these bits (specialised decodes only their own)."""
+    out = []
+    for v in policy.VARIANTS:
+        spec = mm._native.describe_variant(v)["bits_x2"]
+        if any(spec) and tuple(b / 2 for b in spec) != tuple(float(b) for b in bits):
+            continue
+        out.append(v)
+    return out
+
+
+def matrix(codebooks=CODEBOOKS, bits_list=BITS, batches=BATCHES, shared=(False, True)):
+    cases = []
+    for cb in codebooks:
+        for bits in bits_list + (HALF_BITS if cb == "mul1" else []):
+            for v in variants_for(bits):
+                for b in batches:
+                    for s in shared:
+                        cases.append((v, cb, bits, b, s))
+    return cases
+
+
+def relative_error(out, ref):
+    return float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
+
+
+def check(out, ref, variant):
+    assert np.all(np.isfinite(out)), f"{variant}: output has non-finite values (poison left behind?)"
+    fp32 = not policy.accumulates_fp16(variant)
+    err = relative_error(out, ref)
+    assert err <= TOL[fp32], f"{variant}: relative error {err:.2e} > {TOL[fp32]:.0e}"
+    return err

@@ -35,17 +35,27 @@ def _require_native():
 
 
 def get_include():
-    """The folder holding ``metal_moe.h`` (for C programs: ``-I$(python -c ...)``)."""
-    return os.path.join(_HERE, "include")
+    """The folder holding ``metal_moe.h`` (for C programs: ``cc -I"$(python -c 'import metal_moe;
+    print(metal_moe.get_include())')"``).  Installed inside the package; an editable install of a
+    source checkout uses the checkout's ``native/include``."""
+    for folder in (os.path.join(_HERE, "include"), os.path.join(os.path.dirname(_HERE), "native", "include")):
+        if os.path.isfile(os.path.join(folder, "metal_moe.h")):
+            return folder
+    raise FileNotFoundError(f"metal_moe.h is not installed in {_HERE}")
 
 
 def get_library():
-    """The path of the shared library behind the C ABI (``libmetal_moe.so`` / ``.dylib``)."""
-    for pattern in ("libmetal_moe*.so*", "libmetal_moe*.dylib", "metal_moe*.dll"):
-        found = sorted(glob.glob(os.path.join(_HERE, pattern)))
-        if found:
-            return found[0]
-    raise FileNotFoundError(f"the metal_moe shared library is not installed in {_HERE}")
+    """The path of the shared library behind the C ABI (``libmetal_moe.so`` / ``.dylib``), which
+    sits next to the Python extension that links it."""
+    folders = [_HERE]
+    if _native is not None:
+        folders.insert(0, os.path.dirname(os.path.abspath(_native.__file__)))
+    for folder in folders:
+        for pattern in ("libmetal_moe*.so*", "libmetal_moe*.dylib", "metal_moe*.dll"):
+            found = sorted(glob.glob(os.path.join(folder, pattern)))
+            if found:
+                return found[0]
+    raise FileNotFoundError(f"the metal_moe shared library is not installed in {folders}")
 
 
 # ---- contexts ----------------------------------------------------------------------------------

@@ -228,4 +228,4 @@ def test_nonfinite_fp16_accumulation_falls_back_to_fp32():
 def test_shared_library_and_header_are_installed():
     assert os.path.isfile(os.path.join(mm.get_include(), "metal_moe.h"))
     assert os.path.isfile(mm.get_library())
-    assert glob.glob(os.path.join(os.path.dirname(mm.__file__), "_native*"))
+    assert os.path.dirname(mm.get_library()) == os.path.dirname(mm._native.__file__)

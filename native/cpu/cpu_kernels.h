@@ -28,7 +28,9 @@
  * at word `base` (or, for the groups whose windows wrap around the ring, from the tile's head:
  * its last word, then its first 8); lane l's window is (word idx[l] << sh[l]) |
  * (word idx[l]+1 >> (32 - sh[l])), its state the top 16 bits.  Loads never pass the tile's end
- * (base <= words - 8); idx1 = idx + 1 and rsh = 32 - sh are stored to save the arithmetic. */
+ * (base <= words - 8).  The next word matters only when sh > 16; otherwise idx1 may point one past
+ * the tile (lane 8 of a permute wraps to 0), and its bits are shifted out.  idx1 = idx + 1 and
+ * rsh = 32 - sh are stored to save the arithmetic. */
 typedef struct mm_group_table {
     int32_t wrap[MM_GROUPS];        /* 1: read from the head */
     int32_t base[MM_GROUPS];

@@ -33,7 +33,9 @@ static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const 
     mmv w;
     for (int l = 0; l < MM_LANES; ++l) {
         const int q = tab->idx[G][l], sh = tab->sh[G][l];
-        const mm_u32 state = ((words[q] << sh) | (sh ? words[q + 1] >> (32 - sh) : 0u)) >> 16;
+        /* the next word's bits survive the final shift only when the window crosses into it (sh > 16);
+         * otherwise it is not read at all (it may lie past the end of the trellis) */
+        const mm_u32 state = ((words[q] << sh) | (sh > 16 ? words[q + 1] >> (32 - sh) : 0u)) >> 16;
         w.v[l] = lut[state];
     }
     return w;

@@ -31,6 +31,8 @@
 
 typedef struct mm_cpu {
     mm_pool *pool;
+    void *workspace;                     /* reused between calls (guarded by the pool's use lock) */
+    size_t workspace_bytes;
     const mm_cpu_kernels *kernels;      /* the fastest set this processor runs */
     mm_decode_tables tables;
     float *lut;                          /* 3 x 65536 codebook values */
@@ -85,6 +87,7 @@ static void mm_cpu_destroy(mm_context *ctx)
     mm_cpu *cpu = ctx->impl;
     if (!cpu) return;
     mm_pool_destroy(cpu->pool);
+    free(cpu->workspace);
     free(cpu->lut);
     free(cpu);
     ctx->impl = NULL;
@@ -158,10 +161,11 @@ static int64_t mm_slot_token(const mm_run *r, int64_t s)
 }
 
 /* v[0..n) <- fp16(H v) per 128-block, then written in the kernel's input layout to dst */
-static void mm_rotate_to_layout(float *v, int n, int group_layout, float *dst)
+static void mm_rotate_to_layout(const mm_run *r, float *v, int n, float *dst)
 {
+    const int group_layout = r->group_layout;
     for (int b = 0; b < n; b += MM_HAD) mm_hadamard128(v + b);
-    for (int k = 0; k < n; ++k) v[k] = mm_round_half(v[k]);
+    r->cpu->kernels->round_half(v, n);
     if (!group_layout) {
         memcpy(dst, v, (size_t)n * sizeof *v);
         return;
@@ -182,8 +186,9 @@ static void mm_phase_inputs(void *arg, int64_t s, int worker)
         const mm_proj_view *pv = &r->proj[shared][g];
         const uint16_t *suh = pv->suh + (size_t)(shared ? 0 : e) * r->H;
         for (int k = 0; k < r->H; ++k)
-            v[k] = mm_round_half(mm_load_act(r->call->x, r->call->x_dtype, (size_t)t * r->H + k) * mm_half_to_float(suh[k]));
-        mm_rotate_to_layout(v, r->H, r->group_layout, (g ? r->xu : r->xg) + (size_t)s * r->in_stride);
+            v[k] = mm_load_act(r->call->x, r->call->x_dtype, (size_t)t * r->H + k) * mm_half_to_float(suh[k]);
+        r->cpu->kernels->round_half(v, r->H);
+        mm_rotate_to_layout(r, v, r->H, (g ? r->xu : r->xg) + (size_t)s * r->in_stride);
     }
 }
 
@@ -229,17 +234,26 @@ static void mm_phase_swiglu(void *arg, int64_t s, int worker)
     float *v = r->scratch + (size_t)worker * r->scratch_stride;
     const uint16_t *svh_g = r->proj[shared][0].svh + ex * r->I, *svh_u = r->proj[shared][1].svh + ex * r->I;
     const uint16_t *suh_d = r->proj[shared][2].suh + ex * r->I;
+    void (*round_half)(float *, int) = r->cpu->kernels->round_half;
     for (int b = 0; b < r->I; b += MM_HAD) {
         mm_hadamard128(g + b);
         mm_hadamard128(u + b);
     }
+    round_half(g, r->I);
+    round_half(u, r->I);
     for (int k = 0; k < r->I; ++k) {
-        const float gk = mm_round_half(mm_round_half(g[k]) * mm_half_to_float(svh_g[k]));
-        const float uk = mm_round_half(mm_round_half(u[k]) * mm_half_to_float(svh_u[k]));
-        const float a = mm_round_half(mm_round_half(mm_silu(gk)) * uk);
-        v[k] = mm_round_half(a * mm_half_to_float(suh_d[k]));
+        g[k] *= mm_half_to_float(svh_g[k]);
+        u[k] *= mm_half_to_float(svh_u[k]);
     }
-    mm_rotate_to_layout(v, r->I, r->group_layout, r->act + (size_t)s * r->act_stride);
+    round_half(g, r->I);
+    round_half(u, r->I);
+    for (int k = 0; k < r->I; ++k) v[k] = mm_silu(g[k]);
+    round_half(v, r->I);
+    for (int k = 0; k < r->I; ++k) v[k] *= u[k];
+    round_half(v, r->I);
+    for (int k = 0; k < r->I; ++k) v[k] *= mm_half_to_float(suh_d[k]);
+    round_half(v, r->I);
+    mm_rotate_to_layout(r, v, r->I, r->act + (size_t)s * r->act_stride);
 }
 
 static void mm_phase_down(void *arg, int64_t item, int worker)
@@ -293,9 +307,9 @@ static mm_gemm_fn mm_pick_gemm(const mm_cpu_kernels *k, int variant_id, int kx2)
     case MM_VARIANT_DECODE: return k->group_t1_f32;
     case MM_VARIANT_PREFILL4: return k->group_t4_f16;
     case MM_VARIANT_PREFILL4_FP32ACC: return k->group_t4_f32;
-    case MM_VARIANT_GENERAL: return k->group_t8_f16;
-    case MM_VARIANT_GENERAL_FP32ACC: return k->group_t8_f32;
-    case MM_VARIANT_LARGE_BATCH: return k->group_t16_f16;
+    case MM_VARIANT_GENERAL: return k->group_t16_f16;
+    case MM_VARIANT_GENERAL_FP32ACC: return k->group_t16_f32;
+    case MM_VARIANT_LARGE_BATCH: return k->group_t32_f16;
     default: return k->micro;
     }
 }
@@ -359,8 +373,20 @@ static mm_status mm_cpu_forward(mm_context *ctx, const mm_forward_call *call)
     const int64_t max_slots = block * slots_per_token;
     const size_t bytes = sizeof(float) * (per_slot * (size_t)max_slots + r.scratch_stride * (size_t)threads) +
                          (sizeof(int32_t) * 2 + sizeof(int64_t) * 2) * (size_t)max_slots + 64;
-    char *mem = malloc(bytes);
-    if (!mem) return mm_fail(MM_ERR_OUT_OF_MEMORY, "workspace: cannot allocate %zu bytes", bytes);
+    int64_t *counts = calloc((size_t)r.experts + 1, sizeof *counts);
+    if (!counts) return mm_fail(MM_ERR_OUT_OF_MEMORY, "workspace: cannot allocate expert counts");
+    mm_pool_acquire(cpu->pool);
+    if (cpu->workspace_bytes < bytes) {
+        free(cpu->workspace);
+        cpu->workspace = malloc(bytes);
+        cpu->workspace_bytes = cpu->workspace ? bytes : 0;
+        if (!cpu->workspace) {
+            mm_pool_release(cpu->pool);
+            free(counts);
+            return mm_fail(MM_ERR_OUT_OF_MEMORY, "workspace: cannot allocate %zu bytes", bytes);
+        }
+    }
+    char *mem = cpu->workspace;
     float *f = (float *)mem;
     r.xg = f, f += r.in_stride * (size_t)max_slots;
     r.xu = f, f += r.in_stride * (size_t)max_slots;
@@ -372,13 +398,7 @@ static mm_status mm_cpu_forward(mm_context *ctx, const mm_forward_call *call)
     r.chunk_first = r.order + max_slots;
     r.slot_expert = (int32_t *)(void *)(r.chunk_first + max_slots);
     r.chunk_count = r.slot_expert + max_slots;
-    int64_t *counts = calloc((size_t)r.experts + 1, sizeof *counts);
-    if (!counts) {
-        free(mem);
-        return mm_fail(MM_ERR_OUT_OF_MEMORY, "workspace: cannot allocate expert counts");
-    }
 
-    mm_pool_acquire(cpu->pool);
     for (r.t0 = 0; r.t0 < call->tokens; r.t0 += block) {
         r.nb = call->tokens - r.t0 < block ? call->tokens - r.t0 : block;
         r.nslots = r.nb * slots_per_token;
@@ -406,7 +426,6 @@ static mm_status mm_cpu_forward(mm_context *ctx, const mm_forward_call *call)
     }
     mm_pool_release(cpu->pool);
     free(counts);
-    free(mem);
     return MM_OK;
 }
 

@@ -71,11 +71,13 @@ typedef void (*mm_gemm_fn)(const mm_kernel_env *env, const mm_gemm_job *job);
 typedef struct mm_cpu_kernels {
     const char *isa;
     /* group-layout kernels: [tokens per tile][fp32 accumulate] with run-time rate */
-    mm_gemm_fn group_t1_f32, group_t4_f16, group_t4_f32, group_t8_f16, group_t8_f32, group_t16_f16;
+    mm_gemm_fn group_t1_f32, group_t4_f16, group_t4_f32, group_t16_f16, group_t16_f32, group_t32_f16;
     /* tokens = 1, fp32, compile-time rate kx2 = 4, 6, 8, 12 (the specialised decode triples) */
     mm_gemm_fn group_t1_f32_k4, group_t1_f32_k6, group_t1_f32_k8, group_t1_f32_k12;
     /* the register-blocked micro-kernel (plain input layout) */
     mm_gemm_fn micro;
+    /* v[0..n) <- each rounded to the nearest fp16 value */
+    void (*round_half)(float *v, int n);
     /* decode one [in, out] weight to fp16 W_q (tests) */
     void (*decode)(const mm_kernel_env *env, const mm_u32 *tiles, int k_tiles, int n_tiles, int kx2, int codebook,
                    uint16_t *out);

@@ -15,7 +15,8 @@
  * Families
  *   group kernels (decode, prefill4, general, large_batch): the weights of one tile are decoded
  *     group by group in registers, and each decoded group vector is multiplied with the matching
- *     group-layout inputs of T tokens (T = tokens per tile).  Partial sums stay in lane order
+ *     group-layout inputs of T tokens (T = tokens per tile): for T = 1 straight into the FMA,
+ *     for T > 1 after decoding the whole tile once, in a register-blocked 4-token x 2-column loop.  Partial sums stay in lane order
  *     (4 lanes per output column, each summing a quarter of the rows) until the end of the k
  *     loop, where the 4 are added.  fp32 accumulation keeps them in fp32; fp16 accumulation forms
  *     each lane's share of a 16-row k-slice in fp32 and keeps the running sums as fp16 values
@@ -29,7 +30,7 @@
 #include "cpu_kernels.h"
 
 #define MM_INLINE static inline __attribute__((always_inline))
-#define MM_MAX_T 16
+#define MM_MAX_T 32
 #define MM_PREFETCH_TILES 6     /* tiles along k fetched ahead: consecutive k-tiles are a row of tiles apart,
                                    farther than the hardware prefetcher follows */
 
@@ -67,12 +68,14 @@ MM_INLINE void mm_group_kernel_body(const mm_kernel_env *env, const mm_gemm_job 
 {
     const int kx2 = KX2 ? KX2 : job->kx2;
     const int nd = mm_tile_dwords(kx2);
+    /* tokens run in blocks of 4; a last partial block repeats token 0 (its results are dropped) */
+    const int tokens = T == 1 ? 1 : (job->ntok + 3) & ~3;
     const float *in[MM_MAX_T];
-    for (int t = 0; t < T; ++t) in[t] = job->in[t < job->ntok ? t : 0];     /* spare lanes repeat token 0 */
+    for (int t = 0; t < tokens; ++t) in[t] = job->in[t < job->ntok ? t : 0];
     mm_u32 head[MM_HEAD];
     for (int jj = 0; jj < job->nj; ++jj) {
         const int j = job->j0 + jj;
-        for (int t = 0; t < T; ++t)
+        for (int t = 0; t < tokens; ++t)
             for (int c = 0; c < 8; ++c) acc[t][c] = mmv_zero();
         for (int i = 0; i < job->k_tiles; ++i) {
             const mm_u32 *tile = job->tiles + ((size_t)i * job->n_tiles + j) * nd;
@@ -80,22 +83,51 @@ MM_INLINE void mm_group_kernel_body(const mm_kernel_env *env, const mm_gemm_job 
                 mm_prefetch_tile(tile + (size_t)MM_PREFETCH_TILES * job->n_tiles * nd, nd);
             mm_build_head(tile, nd, head);
             if (!F32ACC)
-                for (int t = 0; t < T; ++t)
+                for (int t = 0; t < tokens; ++t)
                     for (int c = 0; c < 8; ++c) part[t][c] = mmv_zero();
+            if (T == 1) {
+                /* one token: each decoded group goes straight into its FMA */
 #pragma GCC unroll 8
-            for (int c = 0; c < 8; ++c) {
+                for (int c = 0; c < 8; ++c) {
 #pragma GCC unroll 4
-                for (int a = 0; a < 4; ++a) {
-                    const mmv w = mm_decode_group(tile, head, env->tables, KX2, kx2, 4 * c + a, CB, env);
-                    for (int t = 0; t < T; ++t) {
-                        const mmv x = mmv_load(in[t] + (size_t)(4 * i + a) * MM_LANES);
-                        if (F32ACC) acc[t][c] = mmv_fma(x, w, acc[t][c]);
-                        else part[t][c] = mmv_fma(x, w, part[t][c]);
+                    for (int a = 0; a < 4; ++a) {
+                        const mmv w = mm_decode_group(tile, head, env->tables, KX2, kx2, 4 * c + a, CB, env);
+                        const mmv x = mmv_load(in[0] + (size_t)(4 * i + a) * MM_LANES);
+                        if (F32ACC) acc[0][c] = mmv_fma(x, w, acc[0][c]);
+                        else part[0][c] = mmv_fma(x, w, part[0][c]);
+                    }
+                }
+            } else {
+                /* several tokens: the tile is decoded once into 32 vectors, then a register-blocked
+                 * loop of 4 tokens x 2 column pairs runs over them (8 partial sums in registers,
+                 * 6 loads per 8 FMAs) */
+                mmv w[MM_GROUPS];
+#pragma GCC unroll 32
+                for (int G = 0; G < MM_GROUPS; ++G) w[G] = mm_decode_group(tile, head, env->tables, KX2, kx2, G, CB, env);
+                for (int tb = 0; tb < tokens; tb += 4) {
+                    for (int cb = 0; cb < 8; cb += 2) {
+                        mmv r[4][2];
+                        for (int t = 0; t < 4; ++t)
+                            for (int h = 0; h < 2; ++h) r[t][h] = F32ACC ? acc[tb + t][cb + h] : part[tb + t][cb + h];
+#pragma GCC unroll 4
+                        for (int a = 0; a < 4; ++a) {
+                            const mmv w0 = w[4 * cb + a], w1 = w[4 * cb + 4 + a];
+                            for (int t = 0; t < 4; ++t) {
+                                const mmv x = mmv_load(in[tb + t] + (size_t)(4 * i + a) * MM_LANES);
+                                r[t][0] = mmv_fma(x, w0, r[t][0]);
+                                r[t][1] = mmv_fma(x, w1, r[t][1]);
+                            }
+                        }
+                        for (int t = 0; t < 4; ++t)
+                            for (int h = 0; h < 2; ++h) {
+                                if (F32ACC) acc[tb + t][cb + h] = r[t][h];
+                                else part[tb + t][cb + h] = r[t][h];
+                            }
                     }
                 }
             }
             if (!F32ACC)
-                for (int t = 0; t < T; ++t)
+                for (int t = 0; t < tokens; ++t)
                     for (int c = 0; c < 8; ++c) acc[t][c] = mmv_round16(mmv_add(acc[t][c], part[t][c]));
         }
         for (int t = 0; t < job->ntok; ++t) {
@@ -122,9 +154,9 @@ MM_INLINE void mm_group_kernel_body(const mm_kernel_env *env, const mm_gemm_job 
 MM_GROUP_INSTANCE(group_t1_f32, 1, 1, 0)
 MM_GROUP_INSTANCE(group_t4_f16, 4, 0, 0)
 MM_GROUP_INSTANCE(group_t4_f32, 4, 1, 0)
-MM_GROUP_INSTANCE(group_t8_f16, 8, 0, 0)
-MM_GROUP_INSTANCE(group_t8_f32, 8, 1, 0)
 MM_GROUP_INSTANCE(group_t16_f16, 16, 0, 0)
+MM_GROUP_INSTANCE(group_t16_f32, 16, 1, 0)
+MM_GROUP_INSTANCE(group_t32_f16, 32, 0, 0)
 MM_GROUP_INSTANCE(group_t1_f32_k4, 1, 1, 4)
 MM_GROUP_INSTANCE(group_t1_f32_k6, 1, 1, 6)
 MM_GROUP_INSTANCE(group_t1_f32_k8, 1, 1, 8)
@@ -221,18 +253,26 @@ static void decode_weight(const mm_kernel_env *env, const mm_u32 *tiles, int k_t
         }
 }
 
+static void round_half_array(float *v, int n)
+{
+    int k = 0;
+    for (; k + MM_LANES <= n; k += MM_LANES) mmv_store(v + k, mmv_round16(mmv_load(v + k)));
+    for (; k < n; ++k) v[k] = mm_round_half(v[k]);
+}
+
 const mm_cpu_kernels MM_KERNELS_NAME = {
     .isa = MM_ISA_NAME,
     .group_t1_f32 = group_t1_f32,
     .group_t4_f16 = group_t4_f16,
     .group_t4_f32 = group_t4_f32,
-    .group_t8_f16 = group_t8_f16,
-    .group_t8_f32 = group_t8_f32,
     .group_t16_f16 = group_t16_f16,
+    .group_t16_f32 = group_t16_f32,
+    .group_t32_f16 = group_t32_f16,
     .group_t1_f32_k4 = group_t1_f32_k4,
     .group_t1_f32_k6 = group_t1_f32_k6,
     .group_t1_f32_k8 = group_t1_f32_k8,
     .group_t1_f32_k12 = group_t1_f32_k12,
     .micro = micro,
+    .round_half = round_half_array,
     .decode = decode_weight,
 };

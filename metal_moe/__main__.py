@@ -1,4 +1,5 @@
-"""``python -m metal_moe``: the version and a decode self-check against known answers."""
+"""``python -m metal_moe``: the ``metal-moe`` command; with no arguments, the version and a decode
+self-check against known answers."""
 
 import sys
 
@@ -41,7 +42,7 @@ def self_check():
     return results
 
 
-def main(argv=None):
+def self_check_report():
     print(f"metal_moe {__version__}")
     results = self_check()
     for name, ok in results:
@@ -52,4 +53,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from .cli import main
+
     sys.exit(main())

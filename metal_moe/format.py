@@ -389,12 +389,13 @@ class TrellisWeight:
         w *= self.svh.astype(np.float64)[..., None, :]
         return w.astype(dtype, copy=False)
 
-    def matmul(self, x):
+    def matmul(self, x, decoded=None):
         """``x @ W_eff`` in float64 (the reference linear forward); ``x`` is ``[..., in]``.
 
         Evaluated as ``(((x ⊙ suh) Hk) W_q Hn) ⊙ svh``, which is the same product, associated so
         that ``W_eff`` is never formed.  Stacked weights broadcast over the expert axis
-        (``x`` ``[E, m, in]`` or ``[m, in]``).
+        (``x`` ``[E, m, in]`` or ``[m, in]``).  ``decoded``: an optional dict caching ``W_q`` per
+        weight (keyed by the trellis buffer's address), for repeated references.
         """
         x = np.asarray(x, dtype=np.float64)
         if x.shape[-1] != self.in_features:
@@ -404,7 +405,16 @@ class TrellisWeight:
         if self.experts is not None:
             suh, svh = suh[:, None, :], svh[:, None, :]
         h = apply_hadamard(x * suh)
-        return apply_hadamard(h @ self.decode().astype(np.float64)) * svh
+        return apply_hadamard(h @ self._decoded(decoded)) * svh
+
+    def _decoded(self, cache):
+        """``decode()`` as float64; the fp16 ``W_q`` is memoised in ``cache`` (a dict) if given."""
+        if cache is None:
+            return self.decode().astype(np.float64)
+        key = (self.trellis.__array_interface__["data"][0], self.trellis.shape, self.codebook)
+        if key not in cache:
+            cache[key] = self.decode()
+        return cache[key].astype(np.float64)
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod

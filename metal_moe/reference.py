@@ -21,17 +21,21 @@ def silu(g):
     return g / (1.0 + np.exp(-g))
 
 
-def expert_forward(x, gate, up, down):
-    """``down(silu(gate(x)) * up(x))`` in float64 for one expert (unstacked projections)."""
-    return down.matmul(silu(gate.matmul(x)) * up.matmul(x))
+def expert_forward(x, gate, up, down, decoded=None):
+    """``down(silu(gate(x)) * up(x))`` in float64 for one expert (unstacked projections).
+
+    ``decoded``: optional dict used as a cache of decoded ``W_q`` (keyed by the weight objects'
+    trellis buffers), so that repeated references over the same experts decode each once."""
+    return down.matmul(silu(gate.matmul(x, decoded)) * up.matmul(x, decoded), decoded)
 
 
-def moe_forward(x, ids, p, weights, routed_scaling_factor=1.0):
+def moe_forward(x, ids, p, weights, routed_scaling_factor=1.0, decoded=None):
     """The MoE expert block in float64: ``y [M, hidden]``.
 
     ``x [M, hidden]`` (any float dtype; bfloat16 as uint16 storage is not accepted here: convert
     it first), ``ids [M, top_k]`` integer expert indices, ``p [M, top_k]`` routing weights.  Each
-    expert's weights are decoded once, for the tokens routed to it.
+    expert's weights are decoded once, for the tokens routed to it (``decoded``: see
+    :func:`expert_forward`).
     """
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected MoEWeights, got {type(weights).__name__}")
@@ -43,12 +47,12 @@ def moe_forward(x, ids, p, weights, routed_scaling_factor=1.0):
     y = np.zeros_like(x)
     for e in np.unique(ids):
         tokens, slots = np.nonzero(ids == e)
-        out = expert_forward(x[tokens], weights.gate[e], weights.up[e], weights.down[e])
+        out = expert_forward(x[tokens], weights.gate[e], weights.up[e], weights.down[e], decoded)
         # per token, slots are summed in slot order: unbuffered add handles repeated tokens
         np.add.at(y, tokens, p[tokens, slots, None].astype(np.float64) * out)
     y *= rsf
     if weights.shared is not None:
-        y += expert_forward(x, *weights.shared)
+        y += expert_forward(x, *weights.shared, decoded)
     return y
 
 

@@ -1,8 +1,8 @@
 /* The AVX2 + FMA + F16C CPU kernels: gemm_template.h over __m256.  Compiled with -mavx2 -mfma
  * -mf16c and called only after a run-time check of the processor (cpu_backend.c).
  *
- * Decoding one group of 8 weights: one unaligned load of 8 stream words, two lane permutes and a
- * funnel shift give the 8 states; 3INST/MCG: one multiply(-add), and/xor, two fp16->fp32
+ * Decoding one group of 8 weights: two 16-byte loads, one byte shuffle and one variable shift give
+ * the 8 states; 3INST/MCG: one multiply(-add), and/xor, two fp16->fp32
  * conversions and a pairwise add (whose lane shuffle produces the lane order, so states are taken
  * in natural order), then the single fp16 rounding; MUL1: multiply, byte sum, one FMA, rounding. */
 #include <immintrin.h>
@@ -19,41 +19,33 @@ static inline mmv mmv_add(mmv a, mmv b) { return _mm256_add_ps(a, b); }
 static inline mmv mmv_round16(mmv a) { return _mm256_cvtph_ps(_mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT)); }
 static inline void mmv_store(float *p, mmv a) { _mm256_storeu_ps(p, a); }
 
-#define MM_LANE_VECTOR(f, G, K, order, add)                                                          \
-    _mm256_setr_epi32(add + f(G, order ? 0 : 0, K), add + f(G, order ? 1 : 1, K), add + f(G, order ? 4 : 2, K), \
-                      add + f(G, order ? 5 : 3, K), add + f(G, order ? 2 : 4, K), add + f(G, order ? 3 : 5, K), \
-                      add + f(G, order ? 6 : 6, K), add + f(G, order ? 7 : 7, K))
-
 static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const mm_decode_tables *tables, int KX2,
                                   int kx2, int G, int CB, const mm_kernel_env *env)
 {
     (void)env;
     const int lane_order = CB == MM_CB_MUL1;     /* 3INST/MCG: natural order, the pairwise add reorders */
-    __m256i words, idx, idx1, sh, rsh;
-    if (KX2) {                                   /* compile-time rate: every table entry is a constant */
-        words = _mm256_loadu_si256((const __m256i *)((mm_group_wraps(G, KX2) ? head : tile) + mm_group_base(G, KX2)));
-        idx = MM_LANE_VECTOR(mm_group_idx, G, KX2, lane_order, 0);
-        idx1 = MM_LANE_VECTOR(mm_group_idx, G, KX2, lane_order, 1);
-        sh = MM_LANE_VECTOR(mm_group_sh, G, KX2, lane_order, 0);
-        rsh = _mm256_sub_epi32(_mm256_set1_epi32(32), sh);
+    const mm_group_table *tab = lane_order ? &tables->lanes[kx2] : &tables->natural[kx2];
+    const int wraps = KX2 ? mm_group_wraps(G, KX2) : G < 2 && tab->wrap[G];
+    const unsigned char *src = (const unsigned char *)(wraps ? head : tile);
+    int lo_off, hi_off;
+    if (KX2) {                                   /* compile-time rate: the offsets are constants */
+        lo_off = mm_group_half_offset(G, 0, KX2);
+        hi_off = mm_group_half_offset(G, lane_order ? 2 : 4, KX2);
     } else {
-        const mm_group_table *tab = lane_order ? &tables->lanes[kx2] : &tables->natural[kx2];
-        words = _mm256_loadu_si256((const __m256i *)((G < 2 && tab->wrap[G] ? head : tile) + tab->base[G]));
-        idx = _mm256_loadu_si256((const __m256i *)tab->idx[G]);
-        idx1 = _mm256_loadu_si256((const __m256i *)tab->idx1[G]);
-        sh = _mm256_loadu_si256((const __m256i *)tab->sh[G]);
-        rsh = _mm256_loadu_si256((const __m256i *)tab->rsh[G]);
+        lo_off = tab->half_offset[G][0];
+        hi_off = tab->half_offset[G][1];
     }
-    const __m256i hi = _mm256_permutevar8x32_epi32(words, idx);
-    const __m256i lo = _mm256_permutevar8x32_epi32(words, idx1);
-    /* a right shift by 32 gives 0, which is what an offset of 0 needs */
-    const __m256i window = _mm256_or_si256(_mm256_sllv_epi32(hi, sh), _mm256_srlv_epi32(lo, rsh));
-    const __m256i state = _mm256_srli_epi32(window, 16);
+    /* two 16-byte loads (lanes 0-3, 4-7), one byte shuffle, one variable shift: the 8 states */
+    const __m256i bytes = _mm256_loadu2_m128i((const __m128i *)(src + hi_off), (const __m128i *)(src + lo_off));
+    const __m256i lanes = _mm256_shuffle_epi8(bytes, _mm256_loadu_si256((const __m256i *)tab->shuffle[G]));
+    const __m256i state = _mm256_and_si256(_mm256_srlv_epi32(lanes, _mm256_loadu_si256((const __m256i *)tab->shr[G])),
+                                           _mm256_set1_epi32(0xFFFF));
     __m256 value;
     if (CB == MM_CB_MUL1) {
         const __m256i x = _mm256_mullo_epi32(state, _mm256_set1_epi32((int)MM_MUL1_MUL));
-        const __m256i bytes = _mm256_set1_epi32(0x00FF00FF);
-        const __m256i pairs = _mm256_add_epi32(_mm256_and_si256(x, bytes), _mm256_and_si256(_mm256_srli_epi32(x, 8), bytes));
+        const __m256i byte_mask = _mm256_set1_epi32(0x00FF00FF);
+        const __m256i pairs = _mm256_add_epi32(_mm256_and_si256(x, byte_mask),
+                                               _mm256_and_si256(_mm256_srli_epi32(x, 8), byte_mask));
         const __m256i s = _mm256_add_epi32(_mm256_and_si256(pairs, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(pairs, 16));
         const __m256 h = _mm256_cvtepi32_ps(_mm256_add_epi32(s, _mm256_set1_epi32(1024)));
         value = _mm256_fmadd_ps(h, _mm256_set1_ps(MM_MUL1_A), _mm256_set1_ps(MM_MUL1_B));

@@ -54,6 +54,18 @@ static void mm_fill_group_tables(mm_decode_tables *tables)
                     tab->idx1[G][l] = tab->idx[G][l] + 1;                /* 8 only when sh <= 16: shifted out */
                     tab->sh[G][l] = mm_group_sh(G, pos, kx2);
                     tab->rsh[G][l] = 32 - tab->sh[G][l];
+                    /* byte-shuffle form */
+                    const int half = l / 4;
+                    const int first = order ? mm_lane_pos[4 * half] : 4 * half;     /* lowest position of the half */
+                    const int base_byte = mm_group_half_offset(G, first, kx2);
+                    const int bit = mm_lane_window_bit(G, pos, kx2);
+                    for (int b = 0; b < 4; ++b) {
+                        const int rel = mm_stream_byte_in_memory((bit >> 3) + b) - base_byte;   /* 0..15 */
+                        /* lane byte 3-b <- stream byte m+b; byte 0 (m+3) is not needed */
+                        tab->shuffle[G][4 * (l % 4) + 3 - b + 16 * half] = b == 3 ? 0x80 : (uint8_t)rel;
+                    }
+                    tab->shr[G][l] = 16 - (bit & 7);
+                    tab->half_offset[G][half] = base_byte;
                 }
             }
         }

@@ -38,6 +38,12 @@ typedef struct mm_group_table {
     int32_t idx1[MM_GROUPS][MM_LANES];
     int32_t sh[MM_GROUPS][MM_LANES];
     int32_t rsh[MM_GROUPS][MM_LANES];
+    /* the byte-shuffle form (AVX2): lanes 0-3 and 4-7 each come from one 16-byte load at byte
+     * offset half_offset[G][0 or 1] (of the tile, or of the head); a byte shuffle puts the 3 stream
+     * bytes holding a lane's window into lane bytes 3, 2, 1; state = (lane >> shr) & 0xFFFF */
+    int32_t half_offset[MM_GROUPS][2];
+    uint8_t shuffle[MM_GROUPS][32];
+    int32_t shr[MM_GROUPS][MM_LANES];
 } mm_group_table;
 
 /* Tables for every rate kx2 = 0..16 (0, 1 unused); `natural`: lanes in position order 8G+l;
@@ -105,6 +111,22 @@ static inline int mm_group_idx(int G, int pos, int kx2)
     return (mm_group_start(G, pos, kx2) >> 5) - (mm_group_wraps(G, kx2) ? 0 : 1) - mm_group_base(G, kx2);
 }
 static inline int mm_group_sh(int G, int pos, int kx2) { return mm_group_start(G, pos, kx2) & 31; }
+
+/* Byte view of the stream: stream byte m (MSB-first order) is memory byte 4*(m/4) + 3 - m%4 of the
+ * little-endian 32-bit words.  Offsets count from the head (the tile's last word first) for groups
+ * that wrap, else from the tile's first byte. */
+static inline int mm_stream_byte_in_memory(int m) { return 4 * (m >> 2) + 3 - (m & 3); }
+static inline int mm_lane_window_bit(int G, int pos, int kx2)
+{
+    return mm_group_start(G, pos, kx2) - (mm_group_wraps(G, kx2) ? 0 : 32);
+}
+/* The 16-byte load for the half (0: lanes 0-3, 1: lanes 4-7) whose lowest position is `first`. */
+static inline int mm_group_half_offset(int G, int first, int kx2)
+{
+    const int offset = 4 * ((mm_lane_window_bit(G, first, kx2) >> 3) >> 2);
+    const int limit = (mm_group_wraps(G, kx2) ? 4 * 9 : 4 * mm_tile_dwords(kx2)) - 16;
+    return offset < limit ? offset : limit;
+}
 
 /* Lane order: position offset within the group, tile row offset (add 2a) and column offset (add c). */
 static const int mm_lane_pos[MM_LANES] = {0, 1, 4, 5, 2, 3, 6, 7};

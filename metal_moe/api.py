@@ -147,9 +147,12 @@ def _host_array(value, name, allowed, writable=False):
         raise ValueError(f"{name}: data is not aligned to its {arr.dtype.itemsize}-byte elements")
     if writable and not arr.flags.writeable:
         raise ValueError(f"{name}: is read-only")
-    if arr.dtype.name == "bfloat16":
-        arr = arr.view(np.uint16)
     return arr, label
+
+
+def _storage(arr):
+    """The array the C layer reads: ml_dtypes bfloat16 viewed as its uint16 storage (no copy)."""
+    return arr.view(np.uint16) if arr.dtype.name == "bfloat16" else arr
 
 
 def _projection(w):
@@ -243,17 +246,17 @@ def fused_moe(x, ids, p, weights, *, backend=None, kernel=None, use_fp32_acc=Non
         return out
     decision = resolve_kernel(x.shape[0], weights, kernel, use_fp32_acc, backend)
     desc = _descriptor(weights)
-    view = out.view(np.uint16) if out.dtype.name == "bfloat16" else out
+    view = _storage(out)
 
     def run(name):
-        ctx.forward(desc, x, x_label, ids, ids_label, p, p_label, view, out_label, name, False,
+        ctx.forward(desc, _storage(x), x_label, ids, ids_label, _storage(p), p_label, view, out_label, name, False,
                     float(routed_scaling_factor), int(num_threads))
 
     run(decision.name)
     fallback = still = False
     if policy.accumulates_fp16(decision.name):
         finite = _finite(view, out_label)
-        if not finite and _finite(x, x_label):
+        if not finite and _finite(_storage(x), x_label):
             fallback = True
             twin = policy.fp32_fallback(decision.name)
             if not _warned["fallback"]:

@@ -41,17 +41,19 @@ def _bits(text):
 
 
 class Progress:
-    """A tqdm bar on stderr when it is a terminal and not --quiet; silent otherwise."""
+    """A tqdm bar on stderr when it is a terminal and not --quiet; silent otherwise.  Called as
+    progress(done, total, what)."""
 
-    def __init__(self, total, quiet, desc):
+    def __init__(self, quiet, desc):
         self.bar = None
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+            self.bar = tqdm(desc=desc, file=sys.stderr, leave=False)
 
     def __call__(self, done, total, what):
         if self.bar is not None:
+            self.bar.total = total
             self.bar.set_postfix_str(what)
             self.bar.update(done - self.bar.n)
 
@@ -83,7 +85,7 @@ def cmd_demo(args):
     preset = weights.preset or PRESETS[args.preset]
     rsf = preset.routed_scaling_factor
     rows, decoded, failed = [], {}, 0
-    progress = Progress(len(args.batch), args.quiet, "demo")
+    progress = Progress(args.quiet, "demo")
     for step, batch in enumerate(args.batch):
         progress(step, len(args.batch), f"batch {batch}")
         calls = bench.routings(weights, batch, args.repeats, args.seed + batch, preset)
@@ -125,11 +127,9 @@ def cmd_bench(args):
     backend = _backend(args.backend)
     weights = _load_weights(args)
     variants = args.variants if args.variants in ("all", "policy") else args.variants.split(",")
-    progress = Progress(1, args.quiet, "bench")
+    progress = Progress(args.quiet, "bench")
     res = bench.run(weights, backend=backend, batches=args.batch, variants=variants, repeats=args.repeats,
-                    warmup=args.warmup, baseline=not args.no_baseline, seed=args.seed,
-                    progress=lambda i, n, what: (setattr(progress.bar, "total", n) if progress.bar else None,
-                                                 progress(i, n, what)))
+                    warmup=args.warmup, baseline=not args.no_baseline, seed=args.seed, progress=progress)
     progress.close()
     if args.json:
         with open(args.json, "w") as f:

@@ -206,8 +206,7 @@ void mm_forward_options_init(mm_forward_options *options)
 /* ---- argument checks ------------------------------------------------------------------------- */
 static int mm_misaligned(const void *ptr, size_t align) { return ((uintptr_t)ptr % align) != 0; }
 
-static mm_status mm_check_projection(const mm_projection *pr, const char *name, int in_features,
-                                     int out_features, int experts, int required_kx2)
+static mm_status mm_check_projection(const mm_projection *pr, const char *name, int required_kx2)
 {
     if (pr->codebook < MM_CODEBOOK_3INST || pr->codebook > MM_CODEBOOK_MUL1)
         return mm_fail(MM_ERR_INVALID_VALUE, "%s.codebook: unknown codebook %d (0 = 3inst, 1 = mcg, 2 = mul1)", name,
@@ -227,9 +226,6 @@ static mm_status mm_check_projection(const mm_projection *pr, const char *name, 
         return mm_fail(MM_ERR_INVALID_VALUE, "%s.trellis: not 4-byte aligned (the kernels read 32-bit words)", name);
     if (mm_misaligned(pr->suh, 2)) return mm_fail(MM_ERR_INVALID_VALUE, "%s.suh: not 2-byte aligned", name);
     if (mm_misaligned(pr->svh, 2)) return mm_fail(MM_ERR_INVALID_VALUE, "%s.svh: not 2-byte aligned", name);
-    (void)in_features;
-    (void)out_features;
-    (void)experts;
     return MM_OK;
 }
 
@@ -245,14 +241,14 @@ static mm_status mm_check_weights(const mm_weights *w, const mm_variant_desc *v)
         return mm_fail(MM_ERR_INVALID_VALUE, "weights.intermediate: %d is not a positive multiple of 128", w->intermediate);
     if (w->experts <= 0) return mm_fail(MM_ERR_INVALID_VALUE, "weights.experts: %d must be at least 1", w->experts);
     mm_status s;
-    if ((s = mm_check_projection(&w->gate, "weights.gate", w->hidden, w->intermediate, w->experts, v->kx2[0])) ||
-        (s = mm_check_projection(&w->up, "weights.up", w->hidden, w->intermediate, w->experts, v->kx2[1])) ||
-        (s = mm_check_projection(&w->down, "weights.down", w->intermediate, w->hidden, w->experts, v->kx2[2])))
+    if ((s = mm_check_projection(&w->gate, "weights.gate", v->kx2[0])) ||
+        (s = mm_check_projection(&w->up, "weights.up", v->kx2[1])) ||
+        (s = mm_check_projection(&w->down, "weights.down", v->kx2[2])))
         return s;
     if (w->has_shared) {
-        if ((s = mm_check_projection(&w->shared_gate, "weights.shared_gate", w->hidden, w->intermediate, 1, 0)) ||
-            (s = mm_check_projection(&w->shared_up, "weights.shared_up", w->hidden, w->intermediate, 1, 0)) ||
-            (s = mm_check_projection(&w->shared_down, "weights.shared_down", w->intermediate, w->hidden, 1, 0)))
+        if ((s = mm_check_projection(&w->shared_gate, "weights.shared_gate", 0)) ||
+            (s = mm_check_projection(&w->shared_up, "weights.shared_up", 0)) ||
+            (s = mm_check_projection(&w->shared_down, "weights.shared_down", 0)))
             return s;
     }
     return MM_OK;
@@ -369,7 +365,7 @@ mm_status mm_decode_weight(mm_context *ctx, const int16_t *trellis, int32_t in_f
     mm_clear_error();
     if (!ctx) return mm_fail(MM_ERR_INVALID_TYPE, "ctx: NULL context");
     mm_projection pr = {trellis, (const uint16_t *)trellis, (const uint16_t *)trellis, bits_x2, codebook};
-    mm_status s = mm_check_projection(&pr, "weight", in_features, out_features, 1, 0);
+    mm_status s = mm_check_projection(&pr, "weight", 0);
     if (s) return s;
     if (in_features <= 0 || in_features % MM_HAD || out_features <= 0 || out_features % MM_HAD)
         return mm_fail(MM_ERR_INVALID_VALUE, "shape: [%d, %d] is not a pair of positive multiples of 128", in_features,

@@ -229,3 +229,21 @@ def test_shared_library_and_header_are_installed():
     assert os.path.isfile(os.path.join(mm.get_include(), "metal_moe.h"))
     assert os.path.isfile(mm.get_library())
     assert os.path.dirname(mm.get_library()) == os.path.dirname(mm._native.__file__)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("codebook", ["3inst", "mcg", "mul1"])
+def test_decoders_cover_every_state(isa, codebook):
+    """K = 8 symbols t, x, t, x+1, ... make every 16-bit state (t << 8 | x and x << 8 | t) occur:
+    the kernels' decoders must give every codebook value bit-exactly."""
+    t = np.repeat(np.arange(256), 2)                            # two tiles per t
+    x = np.arange(512)[:, None] % 2 * 128 + np.arange(128)[None, :]
+    symbols = np.empty((512, 256), np.uint32)
+    symbols[:, 0::2] = t[:, None]
+    symbols[:, 1::2] = x
+    w = mm.TrellisWeight.pack(symbols.reshape(16, 32, 256), np.ones(256, np.float16), np.ones(512, np.float16),
+                              codebook, 8)
+    assert len(np.unique(w.states())) == 65536
+    out = np.empty((256, 512), np.uint16)
+    _context(isa).decode(w.trellis, 256, 512, 16, codebook, out, True)
+    assert np.array_equal(out, w.decode().view(np.uint16))

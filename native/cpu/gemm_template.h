@@ -16,9 +16,9 @@
  *   group kernels (decode, prefill4, general, large_batch): the weights of one tile are decoded
  *     group by group in registers, and each decoded group vector is multiplied with the matching
  *     group-layout inputs of T tokens (T = tokens per tile): for T = 1 straight into the FMA,
- *     for T > 1 after decoding the whole tile once, in a register-blocked 4-token x 2-column loop.  Partial sums stay in lane order
- *     (4 lanes per output column, each summing a quarter of the rows) until the end of the k
- *     loop, where the 4 are added.  fp32 accumulation keeps them in fp32; fp16 accumulation forms
+ *     for T > 1 after decoding the whole tile once, in a register-blocked 4-token x 2-column
+ *     loop.  Partial sums stay in lane order (4 lanes per output column, each summing a quarter
+ *     of the rows) until the end of the k loop, where the 4 are added.  fp32 accumulation keeps them in fp32; fp16 accumulation forms
  *     each lane's share of a 16-row k-slice in fp32 and keeps the running sums as fp16 values
  *     (rounded after every k-slice), as the fragments of an fp16-accumulating MMA would.
  *   micro kernel (simd): each 16x16 tile is decoded and scattered into a row-major panel of 16

@@ -51,9 +51,7 @@ static void mm_fill_group_tables(mm_decode_tables *tables)
                 for (int l = 0; l < MM_LANES; ++l) {
                     const int pos = order ? mm_lane_pos[l] : l;
                     tab->idx[G][l] = mm_group_idx(G, pos, kx2);          /* 0..7 */
-                    tab->idx1[G][l] = tab->idx[G][l] + 1;                /* 8 only when sh <= 16: shifted out */
                     tab->sh[G][l] = mm_group_sh(G, pos, kx2);
-                    tab->rsh[G][l] = 32 - tab->sh[G][l];
                     /* byte-shuffle form */
                     const int half = l / 4;
                     const int first = order ? mm_lane_pos[4 * half] : 4 * half;     /* lowest position of the half */

@@ -24,23 +24,20 @@
 #define MM_HEAD 9               /* a tile's last word followed by its first 8 (the tail-biting wrap) */
 #define MM_MICRO_TOKENS 32      /* tokens per decoded panel in the simd (micro-kernel) variant */
 
-/* Where the 16-bit states of one group come from, for one rate: 8 words are loaded from the tile
- * at word `base` (or, for the groups whose windows wrap around the ring, from the tile's head:
- * its last word, then its first 8); lane l's window is (word idx[l] << sh[l]) |
- * (word idx[l]+1 >> (32 - sh[l])), its state the top 16 bits.  Loads never pass the tile's end
- * (base <= words - 8).  The next word matters only when sh > 16; otherwise idx1 may point one past
- * the tile (lane 8 of a permute wraps to 0), and its bits are shifted out.  idx1 = idx + 1 and
- * rsh = 32 - sh are stored to save the arithmetic. */
+/* Where the 16-bit states of one group come from, for one rate.  Groups whose windows wrap
+ * around the ring (only groups 0 and 1 can) read from the tile's head (its last word, then its
+ * first 8); the others from the tile itself, never past its end.
+ *   word form (portable kernels): lane l's window is (word base+idx[l] << sh[l]) |
+ *     (word base+idx[l]+1 >> (32 - sh[l])), its state the top 16 bits; the next word is read
+ *     only when sh > 16, the only case in which its bits reach the state.
+ *   byte-shuffle form (AVX2): lanes 0-3 and 4-7 each come from one 16-byte load at byte offset
+ *     half_offset[G][0 or 1]; a byte shuffle puts the 3 stream bytes holding a lane's window into
+ *     lane bytes 3, 2, 1; state = (lane >> shr) & 0xFFFF. */
 typedef struct mm_group_table {
     int32_t wrap[MM_GROUPS];        /* 1: read from the head */
     int32_t base[MM_GROUPS];
     int32_t idx[MM_GROUPS][MM_LANES];
-    int32_t idx1[MM_GROUPS][MM_LANES];
     int32_t sh[MM_GROUPS][MM_LANES];
-    int32_t rsh[MM_GROUPS][MM_LANES];
-    /* the byte-shuffle form (AVX2): lanes 0-3 and 4-7 each come from one 16-byte load at byte
-     * offset half_offset[G][0 or 1] (of the tile, or of the head); a byte shuffle puts the 3 stream
-     * bytes holding a lane's window into lane bytes 3, 2, 1; state = (lane >> shr) & 0xFFFF */
     int32_t half_offset[MM_GROUPS][2];
     uint8_t shuffle[MM_GROUPS][32];
     int32_t shr[MM_GROUPS][MM_LANES];

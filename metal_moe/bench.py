@@ -45,7 +45,7 @@ def machine_description():
 def routings(weights, batch, count, seed, preset=None):
     """``count`` (x, ids, p) triples routed by the preset's router (softmax top-k otherwise)."""
     preset = preset or weights.preset
-    top_k = preset.top_k if preset is not None else min(8, weights.experts)
+    top_k = min(preset.top_k if preset is not None else 8, weights.experts)
     scoring = preset.scoring if preset is not None else "softmax"
     rng = np.random.default_rng(seed)
     out = []

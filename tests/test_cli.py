@@ -98,3 +98,17 @@ def test_info_fields():
     assert "cpu" in data["backends_built"] and data["backends_usable"] == mm.backends()
     assert data["cpu_simd"] in ("avx2+fma+f16c", "scalar") and data["cpu_threads"] >= 1
     assert data["variants"] == list(policy.VARIANTS) and data["build"]["buildtype"]
+
+
+def test_demo_on_a_checkpoint(tmp_path, capsys):
+    """--weights/--prefix: a layer saved in the EXL3 checkpoint layout, loaded and checked."""
+    w = mm.MoEWeights.random(hidden=256, intermediate=384, experts=3, bits=(4, 2, 3), codebook="mcg", shared=True,
+                             seed=3)
+    path = tmp_path / "layer.safetensors"
+    w.save_safetensors(path, "model.layers.0.mlp")
+    assert cli.main(["demo", "--weights", str(path), "--prefix", "model.layers.0.mlp", "--batch", "1,5",
+                     "--repeats", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "experts=3" in out and "all checks passed" in out
+    with pytest.raises(SystemExit, match="--weights needs --prefix"):
+        cli.main(["demo", "--weights", str(path), "--quiet"])

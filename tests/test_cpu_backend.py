@@ -2,7 +2,6 @@
 MoE vector, dtypes, determinism, threads and the decoders.  Outputs are poisoned with NaN first."""
 
 import concurrent.futures
-import glob
 import os
 
 import numpy as np
@@ -12,7 +11,7 @@ import metal_moe as mm
 from metal_moe import policy, reference
 
 from conftest import moe_case_path, single_layer_vectors
-from native_cases import (EXPERTS, HIDDEN, INTERMEDIATE, RSF, TOP_K, check, expected, inputs, matrix, seed_of,
+from native_cases import (HIDDEN, RSF, TOP_K, check, expected, inputs, matrix, seed_of,
                           weights)
 
 pytestmark = pytest.mark.skipif("cpu" not in mm.backends(), reason="the native library is not built")

@@ -11,8 +11,7 @@ import metal_moe as mm
 from metal_moe import policy, reference
 
 from conftest import moe_case_path, single_layer_vectors
-from native_cases import (HIDDEN, RSF, TOP_K, check, expected, inputs, matrix, seed_of,
-                          weights)
+from native_cases import EXPERTS, HIDDEN, RSF, TOP_K, check, expected, inputs, matrix, seed_of, weights
 
 pytestmark = pytest.mark.skipif("cpu" not in mm.backends(), reason="the native library is not built")
 
@@ -246,3 +245,21 @@ def test_decoders_cover_every_state(isa, codebook):
     out = np.empty((256, 512), np.uint16)
     _context(isa).decode(w.trellis, 256, 512, 16, codebook, out, True)
     assert np.array_equal(out, w.decode().view(np.uint16))
+
+
+def test_token_blocks(monkeypatch):
+    """A workspace cap of 1 MB splits 300 tokens into 9 blocks of 34: results must not change."""
+    w = weights("mcg", (6, 2, 3), True)
+    rng = np.random.default_rng(seed_of("blocks"))
+    x = rng.standard_normal((300, HIDDEN)).astype(np.float16)
+    ids, p = reference.route(rng.standard_normal((300, EXPERTS)), TOP_K)
+    whole = mm.fused_moe(x, ids, p, w, kernel=policy.LARGE_BATCH)
+    monkeypatch.setenv("METAL_MOE_CPU_WORKSPACE_MB", "1")
+    small = mm.Context("cpu")
+    for variant in (policy.LARGE_BATCH, policy.SIMD, policy.DECODE):
+        y = mm.fused_moe(x, ids, p, w, kernel=variant, context=small, out=np.full(x.shape, np.nan, np.float32))
+        check(y, reference.moe_forward(x, ids, p, w), variant)
+    assert np.array_equal(mm.fused_moe(x, ids, p, w, kernel=policy.LARGE_BATCH, context=small), whole)
+    monkeypatch.setenv("METAL_MOE_CPU_WORKSPACE_MB", "0")
+    with pytest.raises(ValueError, match="^METAL_MOE_CPU_WORKSPACE_MB: '0' is not a positive integer"):
+        mm.Context("cpu")

@@ -27,12 +27,14 @@
   #include <unistd.h>
 #endif
 
-#define MM_WORKSPACE_BYTES ((size_t)256 << 20)     /* token blocks are sized to stay under this */
+#define MM_WORKSPACE_MB 256      /* token blocks are sized to keep the workspace under this
+                                    ($METAL_MOE_CPU_WORKSPACE_MB overrides it) */
 
 typedef struct mm_cpu {
     mm_pool *pool;
     void *workspace;                     /* reused between calls (guarded by the pool's use lock) */
     size_t workspace_bytes;
+    size_t workspace_cap;                /* token blocks keep the workspace under this */
     const mm_cpu_kernels *kernels;      /* the fastest set this processor runs */
     mm_decode_tables tables;
     float *lut;                          /* 3 x 65536 codebook values */
@@ -372,7 +374,7 @@ static mm_status mm_cpu_forward(mm_context *ctx, const mm_forward_call *call)
     r.act_stride = (size_t)2 * r.I;
     const size_t per_slot = 2 * r.in_stride + 2 * (size_t)r.I + r.act_stride;         /* floats */
     const int slots_per_token = r.top_k + (w->has_shared ? 1 : 0);
-    int64_t block = (int64_t)(MM_WORKSPACE_BYTES / (per_slot * sizeof(float) * (size_t)slots_per_token));
+    int64_t block = (int64_t)(cpu->workspace_cap / (per_slot * sizeof(float) * (size_t)slots_per_token));
     if (block < 1) block = 1;
     if (block > call->tokens) block = call->tokens;
 
@@ -488,6 +490,17 @@ mm_status mm_cpu_context_init(mm_context *ctx, const mm_context_options *options
             return mm_fail(MM_ERR_INVALID_VALUE, "METAL_MOE_NUM_THREADS: '%s' is not a positive integer", cap);
         }
         if (n < threads) threads = (int)n;
+    }
+    cpu->workspace_cap = (size_t)MM_WORKSPACE_MB << 20;
+    const char *cap_mb = getenv("METAL_MOE_CPU_WORKSPACE_MB");
+    if (cap_mb && *cap_mb) {
+        char *end = NULL;
+        long mb = strtol(cap_mb, &end, 10);
+        if (*end != '\0' || mb < 1) {
+            mm_cpu_destroy(ctx);
+            return mm_fail(MM_ERR_INVALID_VALUE, "METAL_MOE_CPU_WORKSPACE_MB: '%s' is not a positive integer", cap_mb);
+        }
+        cpu->workspace_cap = (size_t)mb << 20;
     }
     const char *isa = options->cpu_isa ? options->cpu_isa : getenv("METAL_MOE_CPU_ISA");
     cpu->kernels = &mm_cpu_kernels_scalar;

@@ -97,7 +97,10 @@ typedef struct mm_context_options {
 MM_API void mm_context_options_init(mm_context_options *options);
 
 /* Create a context for `device` of `backend` (CPU: device 0).  `options` may be NULL.
- * $METAL_MOE_NUM_THREADS caps the default pool size (it never raises it). */
+ * Environment, read here: $METAL_MOE_NUM_THREADS caps the default pool size (it never raises it);
+ * $METAL_MOE_CPU_ISA ("auto" or "scalar") picks the CPU kernels when options->cpu_isa is NULL;
+ * $METAL_MOE_CPU_WORKSPACE_MB (default 256) bounds the CPU workspace: larger batches run in
+ * blocks of tokens. */
 MM_API mm_status mm_context_create(mm_backend backend, int device, const mm_context_options *options,
                                    mm_context **out);
 MM_API void mm_context_destroy(mm_context *ctx);              /* NULL is a no-op */

@@ -181,10 +181,8 @@ def _variant_list(variants, batch, weights, backend, available):
     out = []
     for name in names:
         policy.check_variant(name, available)
-        spec = name.rsplit("_", 3)[1:] if name.startswith(policy.DECODE + "_") else None
-        if spec and tuple(float(s) for s in spec) != tuple(float(b) for b in weights.bits):
-            continue            # a specialised decode for other bits
-        out.append(name)
+        if policy.accepts_bits(name, weights.bits):      # skips a specialised decode for other bits
+            out.append(name)
     return out
 
 

@@ -54,6 +54,9 @@ VARIANTS = (
 
 TILE_N = {name: 128 if name == LARGE_BATCH else 64 for name in VARIANTS}
 
+# The compile-time (gate, up, down) bits of each specialised decode.
+_SPECIALISED = {f"{DECODE}_{g}_{u}_{d}": (g, u, d) for g, u, d in SPECIALISED_BITS}
+
 # The fp32-accumulating variant an fp16-accumulating one falls back to (non-finite output, or
 # fp32 asked for); fp32 variants map to themselves.
 _FALLBACK = {
@@ -79,6 +82,13 @@ def fp32_fallback(name):
     """The fp32-accumulating variant to re-run with (``name`` itself if it accumulates in fp32)."""
     check_variant(name)
     return _FALLBACK.get(name, name)
+
+
+def accepts_bits(name, bits):
+    """Whether variant ``name`` runs weights of these (gate, up, down) bits: every variant does,
+    except a specialised decode, which runs only its own triple."""
+    spec = _SPECIALISED.get(check_variant(name))
+    return spec is None or tuple(float(b) for b in spec) == tuple(float(b) for b in bits)
 
 
 def accumulates_fp16(name):
@@ -118,7 +128,7 @@ def select(batch_size, use_fp32_acc, gate_bits, up_bits, down_bits):
     bits = _bits_key((gate_bits, up_bits, down_bits))
     if batch_size == 1:
         if not fp32 and bits in SPECIALISED_BITS:
-            name = f"{DECODE}_{bits[0]}_{bits[1]}_{bits[2]}"
+            name = next(n for n, b in _SPECIALISED.items() if b == bits)
             return Decision(name, 64, f"batch 1 and bits {bits} have a compile-time decode", fp32)
         why = "decode has no fp32acc twin; it accumulates in fp32" if fp32 else f"bits {bits} are not specialised"
         return Decision(DECODE, 64, f"batch 1: {why}", fp32)

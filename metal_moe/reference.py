@@ -82,12 +82,11 @@ def route(logits, top_k, scoring="softmax", renormalize=True, bias=None):
     if scoring == "softmax":
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         scores = z / z.sum(axis=1, keepdims=True)
-        choice = scores
     elif scoring == "sigmoid":
         scores = 1.0 / (1.0 + np.exp(-logits))
-        choice = scores
     else:
         raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
+    choice = scores
     if bias is not None:
         bias = np.asarray(bias, dtype=np.float64)
         if bias.shape != (experts,):

@@ -53,13 +53,7 @@ def expected(codebook, bits, shared, batch):
 
 def variants_for(bits):
     """Every variant that can run weights of these bits (specialised decodes only their own)."""
-    out = []
-    for v in policy.VARIANTS:
-        spec = mm._native.describe_variant(v)["bits_x2"]
-        if any(spec) and tuple(b / 2 for b in spec) != tuple(float(b) for b in bits):
-            continue
-        out.append(v)
-    return out
+    return [v for v in policy.VARIANTS if policy.accepts_bits(v, bits)]
 
 
 def matrix(codebooks=CODEBOOKS, bits_list=BITS, batches=BATCHES, shared=(False, True)):

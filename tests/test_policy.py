@@ -62,3 +62,9 @@ def test_bad_arguments():
         select_moe_kernel(1.5, False, 4, 4, 4)
     with pytest.raises(ValueError, match=r"^kernel: unknown or unavailable variant 'x'; valid variants: moe_"):
         policy.check_variant("x")
+
+
+def test_accepts_bits():
+    assert policy.accepts_bits(f"{P}_decode_6_2_3", (6, 2, 3))
+    assert not policy.accepts_bits(f"{P}_decode_6_2_3", (6, 2, 4))
+    assert all(policy.accepts_bits(v, (2.5, 1.5, 3.5)) for v in policy.VARIANTS if "_decode_" not in v)

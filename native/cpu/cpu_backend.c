@@ -166,6 +166,9 @@ static void mm_store_act(void *data, mm_dtype dtype, size_t i, float v)
     }
 }
 
+/* The shared expert is counted as the last expert. */
+static int mm_is_shared(const mm_run *r, int e) { return e == r->experts - 1 && r->call->w->has_shared; }
+
 static int64_t mm_slot_token(const mm_run *r, int64_t s)
 {
     const int64_t routed = r->nb * r->top_k;
@@ -191,7 +194,7 @@ static void mm_phase_inputs(void *arg, int64_t s, int worker)
 {
     mm_run *r = arg;
     const int e = r->slot_expert[s];
-    const int shared = e == r->experts - 1 && r->call->w->has_shared;
+    const int shared = mm_is_shared(r, e);
     const int64_t t = mm_slot_token(r, s);
     float *v = r->scratch + (size_t)worker * r->scratch_stride;
     for (int g = 0; g < 2; ++g) {
@@ -211,7 +214,7 @@ static void mm_run_gemm(mm_run *r, int64_t item, int which, int strips, float *i
     const int strip = (int)(item % strips);
     const int64_t *slots = r->order + r->chunk_first[chunk];
     const int e = r->slot_expert[slots[0]];
-    const int shared = e == r->experts - 1 && r->call->w->has_shared;
+    const int shared = mm_is_shared(r, e);
     const mm_proj_view *pv = &r->proj[shared][which];
     const float *in[MM_MICRO_TOKENS];
     float *out[MM_MICRO_TOKENS];
@@ -240,7 +243,7 @@ static void mm_phase_swiglu(void *arg, int64_t s, int worker)
 {
     mm_run *r = arg;
     const int e = r->slot_expert[s];
-    const int shared = e == r->experts - 1 && r->call->w->has_shared;
+    const int shared = mm_is_shared(r, e);
     const size_t ex = shared ? 0 : (size_t)e;
     float *g = r->mid_g + (size_t)s * r->I, *u = r->mid_u + (size_t)s * r->I;
     float *v = r->scratch + (size_t)worker * r->scratch_stride;

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import policy, reference
 from .api import Context, backends, fused_moe, get_include, get_library, reset_stats, stats, variants
+from .device import DeviceArray, DeviceWeights
 from .format import TrellisWeight
 from .policy import select_moe_kernel
 from .weights import PRESETS, MoEWeights, Preset, SharedExpert
@@ -17,6 +18,8 @@ from .weights import PRESETS, MoEWeights, Preset, SharedExpert
 __all__ = [
     "__version__",
     "Context",
+    "DeviceArray",
+    "DeviceWeights",
     "MoEWeights",
     "PRESETS",
     "Preset",

@@ -7,8 +7,39 @@ checks everything again, so this layer only moves pointers.  The GIL is released
 """
 
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
-from libc.stdint cimport int16_t, int32_t, int64_t, uint16_t, uint32_t
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
+
+
+cdef extern from *:
+    """
+    /* DLPack (v0.x, the unversioned "dltensor" capsule that every producer exports by default) */
+    typedef struct { int32_t device_type; int32_t device_id; } mm_DLDevice;
+    typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } mm_DLDataType;
+    typedef struct {
+        void *data; mm_DLDevice device; int32_t ndim; mm_DLDataType dtype;
+        int64_t *shape; int64_t *strides; uint64_t byte_offset;
+    } mm_DLTensor;
+    typedef struct { mm_DLTensor dl_tensor; void *manager_ctx; void (*deleter)(void *); } mm_DLManagedTensor;
+    """
+    ctypedef struct mm_DLDevice:
+        int32_t device_type
+        int32_t device_id
+    ctypedef struct mm_DLDataType:
+        uint8_t code
+        uint8_t bits
+        uint16_t lanes
+    ctypedef struct mm_DLTensor:
+        void *data
+        mm_DLDevice device
+        int32_t ndim
+        mm_DLDataType dtype
+        int64_t *shape
+        int64_t *strides
+        uint64_t byte_offset
+    ctypedef struct mm_DLManagedTensor:
+        mm_DLTensor dl_tensor
 
 
 cdef extern from "metal_moe.h" nogil:
@@ -93,6 +124,10 @@ cdef extern from "metal_moe.h" nogil:
                              const mm_tensor *p, const mm_tensor *out, const mm_forward_options *options)
     mm_status mm_decode_weight(mm_context *ctx, const int16_t *trellis, int32_t in_features, int32_t out_features,
                                int32_t bits_x2, mm_codebook codebook, int32_t simd, uint16_t *out)
+    mm_status mm_context_counters(mm_context *ctx, uint64_t *fp32_reruns, uint64_t *invalid_ids)
+    mm_status mm_device_alloc(mm_context *ctx, size_t bytes, void **ptr)
+    mm_status mm_device_free(mm_context *ctx, void *ptr)
+    mm_status mm_device_copy(mm_context *ctx, void *dst, const void *src, size_t bytes)
 
 
 BACKENDS = {"cpu": MM_BACKEND_CPU, "cuda": MM_BACKEND_CUDA, "metal": MM_BACKEND_METAL}
@@ -199,6 +234,35 @@ cdef int fill_tensor(mm_tensor *t, object arr, str dtype, bint writable, _Buffer
     return 0
 
 
+_DL_CODES = {(0, 32): "int32", (0, 64): "int64", (0, 16): "int16", (1, 16): "uint16", (2, 16): "float16",
+             (2, 32): "float32", (4, 16): "bfloat16"}
+_DL_DEVICES = {1: "cpu", 2: "cuda", 3: "cuda_host", 13: "cuda_managed"}
+
+
+def dlpack_info(capsule):
+    """(pointer, shape, strides or None, dtype name or None, device type name, device index) of an
+    unconsumed DLPack capsule; the capsule is left unconsumed, so its owner frees it as usual."""
+    if not PyCapsule_IsValid(capsule, b"dltensor"):
+        raise TypeError("not a DLPack capsule (or one already consumed)")
+    cdef mm_DLManagedTensor *m = <mm_DLManagedTensor *>PyCapsule_GetPointer(capsule, b"dltensor")
+    cdef mm_DLTensor *t = &m.dl_tensor
+    shape = tuple(t.shape[i] for i in range(t.ndim))
+    strides = None if t.strides == NULL else tuple(t.strides[i] for i in range(t.ndim))
+    dtype = _DL_CODES.get((t.dtype.code, t.dtype.bits)) if t.dtype.lanes == 1 else None
+    ptr = <uintptr_t>t.data + t.byte_offset
+    return ptr, shape, strides, dtype, _DL_DEVICES.get(t.device.device_type, str(t.device.device_type)), t.device.device_id
+
+
+cdef int fill_projection_ptrs(mm_projection *pr, object desc) except -1:
+    trellis, suh, svh, kx2, codebook = desc
+    pr.trellis = <const int16_t *><uintptr_t>trellis
+    pr.suh = <const uint16_t *><uintptr_t>suh
+    pr.svh = <const uint16_t *><uintptr_t>svh
+    pr.bits_x2 = kx2
+    pr.codebook = CODEBOOKS[codebook]
+    return 0
+
+
 cdef class Context:
     """A backend context (worker pool, kernels, device).  Thread-safe; reuse it."""
     cdef mm_context *ctx
@@ -270,6 +334,89 @@ cdef class Context:
         options.num_threads = num_threads
         with nogil:
             s = mm_moe_forward(self.ctx, &w, &tx, &tids, &tp, &tout, &options)
+        if s != MM_OK:
+            raise_status(s)
+
+    def forward_pointers(self, tuple weights, tuple x, tuple ids, tuple p, tuple out, str variant,
+                         bint fp32_accumulate=False, float routed_scaling_factor=1.0, uintptr_t stream=0):
+        """The forward on raw (device) pointers.  weights: as for forward(), with each array an
+        integer address; x, ids, p, out: (address, dtype name, rows, cols).  Returns once the
+        work is queued on `stream` (it does not wait for it)."""
+        cdef mm_weights w
+        cdef mm_tensor t[4]
+        cdef mm_forward_options options
+        cdef mm_status s
+        memset(&w, 0, sizeof(w))
+        w.struct_size = sizeof(w)
+        hidden, intermediate, experts, gate, up, down, shared = weights
+        w.hidden, w.intermediate, w.experts = hidden, intermediate, experts
+        fill_projection_ptrs(&w.gate, gate)
+        fill_projection_ptrs(&w.up, up)
+        fill_projection_ptrs(&w.down, down)
+        if shared is not None:
+            w.has_shared = 1
+            fill_projection_ptrs(&w.shared_gate, shared[0])
+            fill_projection_ptrs(&w.shared_up, shared[1])
+            fill_projection_ptrs(&w.shared_down, shared[2])
+        for i, (ptr, dtype, rows, cols) in enumerate((x, ids, p, out)):
+            t[i].data = <void *><uintptr_t>ptr
+            t[i].dtype = DTYPES[dtype]
+            t[i].rows = rows
+            t[i].cols = cols
+        mm_forward_options_init(&options)
+        encoded = variant.encode()
+        options.variant = encoded
+        options.fp32_accumulate = fp32_accumulate
+        options.routed_scaling_factor = routed_scaling_factor
+        options.stream = <void *>stream
+        with nogil:
+            s = mm_moe_forward(self.ctx, &w, &t[0], &t[1], &t[2], &t[3], &options)
+        if s != MM_OK:
+            raise_status(s)
+
+    def counters(self):
+        """(fp16 tiles re-run with fp32 sums, invalid expert ids seen) since the context was made."""
+        cdef uint64_t reruns = 0, invalid = 0
+        cdef mm_status s
+        with nogil:
+            s = mm_context_counters(self.ctx, &reruns, &invalid)
+        if s != MM_OK:
+            raise_status(s)
+        return int(reruns), int(invalid)
+
+    def alloc(self, size_t nbytes):
+        """Device memory of this context's device: an integer address (free it with free())."""
+        cdef void *ptr = NULL
+        cdef mm_status s
+        with nogil:
+            s = mm_device_alloc(self.ctx, nbytes, &ptr)
+        if s != MM_OK:
+            raise_status(s)
+        return <uintptr_t>ptr
+
+    def free(self, uintptr_t ptr):
+        cdef mm_status s
+        with nogil:
+            s = mm_device_free(self.ctx, <void *>ptr)
+        if s != MM_OK:
+            raise_status(s)
+
+    def copy(self, uintptr_t dst, uintptr_t src, size_t nbytes):
+        """Copy nbytes between host and device addresses (synchronous)."""
+        cdef mm_status s
+        with nogil:
+            s = mm_device_copy(self.ctx, <void *>dst, <const void *>src, nbytes)
+        if s != MM_OK:
+            raise_status(s)
+
+    def decode_pointers(self, uintptr_t trellis, int in_features, int out_features, int bits_x2, str codebook,
+                        uintptr_t out):
+        """decode() on device addresses (GPU contexts); returns when the result is written."""
+        cdef mm_codebook cb = CODEBOOKS[codebook]
+        cdef mm_status s
+        with nogil:
+            s = mm_decode_weight(self.ctx, <const int16_t *>trellis, in_features, out_features, bits_x2, cb, 1,
+                                 <uint16_t *>out)
         if s != MM_OK:
             raise_status(s)
 

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 
 from . import policy
+from .device import DeviceArray, DeviceWeights, array_info, current_stream, is_device_array
 from .weights import MoEWeights
 
 try:
@@ -96,15 +97,49 @@ _stats = {"calls": 0, "fp32_fallbacks": 0, "nonfinite_after_fallback": 0, "varia
 _warned = {"fallback": False}
 
 
+_device_base = {}
+
+
+def _device_counters():
+    """Sum of the CUDA contexts' device counters (tiles re-run in fp32, invalid ids); reading them
+    synchronises with each device."""
+    with _contexts_lock:
+        contexts = [c for (b, _), c in _contexts.items() if b == "cuda"]
+    reruns = invalid = 0
+    for ctx in contexts:
+        r, i = ctx.counters()
+        base = _device_base.get(id(ctx), (0, 0))
+        reruns += r - base[0]
+        invalid += i - base[1]
+    return reruns, invalid
+
+
 def stats():
-    """Counters since start (or :func:`reset_stats`): calls, variants run, non-finite fallbacks."""
+    """Counters since start (or :func:`reset_stats`): calls, variants run, non-finite fallbacks.
+
+    With CUDA contexts in use it also holds ``cuda_fp32_reruns`` (fp16-accumulating tiles the
+    kernels re-ran with fp32 sums: the device-side form of the fallback, which needs no host
+    synchronisation) and ``cuda_invalid_ids`` (expert ids outside [0, experts) met on the device;
+    those tokens' rows are NaN).  Reading these synchronises with the devices."""
     with _stats_lock:
-        return {**_stats, "variants": dict(_stats["variants"])}
+        out = {**_stats, "variants": dict(_stats["variants"])}
+    if any(b == "cuda" for b, _ in list(_contexts)):
+        reruns, invalid = _device_counters()
+        out["cuda_fp32_reruns"], out["cuda_invalid_ids"] = reruns, invalid
+        if reruns and not _warned.get("cuda_fallback"):
+            _warned["cuda_fallback"] = True
+            warnings.warn(f"metal_moe: {reruns} CUDA tiles overflowed fp16 accumulation and were re-run with fp32 "
+                          "sums (see stats()['cuda_fp32_reruns']; warned once).", RuntimeWarning, stacklevel=2)
+    return out
 
 
 def reset_stats():
     with _stats_lock:
         _stats.update(calls=0, fp32_fallbacks=0, nonfinite_after_fallback=0, variants={})
+    with _contexts_lock:
+        contexts = [c for (b, _), c in _contexts.items() if b == "cuda"]
+    for ctx in contexts:
+        _device_base[id(ctx)] = ctx.counters()
 
 
 def _count(name, fallback=False, still_nonfinite=False):
@@ -183,7 +218,7 @@ def resolve_kernel(batch_size, weights, kernel=None, use_fp32_acc=None, backend=
 
 
 def fused_moe(x, ids, p, weights, *, backend=None, kernel=None, use_fp32_acc=None, out=None, num_threads=None,
-              routed_scaling_factor=1.0, context=None):
+              routed_scaling_factor=1.0, context=None, stream=None):
     """The MoE expert block: ``y[t] = rsf * sum_j p[t,j] * down_e(silu(gate_e(x[t])) * up_e(x[t])) + shared(x[t])``.
 
     x: ``[M, hidden]`` float16, bfloat16 (ml_dtypes, or uint16 storage) or float32.
@@ -200,7 +235,16 @@ def fused_moe(x, ids, p, weights, *, backend=None, kernel=None, use_fp32_acc=Non
     the call.  If an fp16-accumulating variant returns a non-finite value although x is finite,
     the call is re-run once with its fp32-accumulating twin; this is counted in :func:`stats` and
     warned about once.
+
+    CUDA: pass :class:`~metal_moe.DeviceWeights` (``weights.to("cuda")``) and CUDA arrays (torch,
+    cupy, anything with ``__cuda_array_interface__`` or DLPack), all on the weights' device; see
+    :func:`_fused_moe_device`.
     """
+    if isinstance(weights, DeviceWeights) or any(is_device_array(a) for a in (x, ids, p, out) if a is not None):
+        return _fused_moe_device(x, ids, p, weights, backend, kernel, use_fp32_acc, out, num_threads,
+                                 routed_scaling_factor, context, stream)
+    if stream is not None:
+        raise ValueError("stream: only calls on CUDA arrays run on a stream; these arrays are host arrays")
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected MoEWeights, got {type(weights).__name__}")
     if context is None:
@@ -238,10 +282,7 @@ def fused_moe(x, ids, p, weights, *, backend=None, kernel=None, use_fp32_acc=Non
         raise TypeError(f"num_threads: expected an integer, got {type(num_threads).__name__}")
     elif num_threads < 1:
         raise ValueError(f"num_threads: must be at least 1, got {num_threads}")
-    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, numbers.Real):
-        raise TypeError(f"routed_scaling_factor: expected a number, got {type(routed_scaling_factor).__name__}")
-    if not np.isfinite(routed_scaling_factor):
-        raise ValueError(f"routed_scaling_factor: must be finite, got {routed_scaling_factor}")
+    _check_rsf(routed_scaling_factor)
     if x.shape[0] == 0:
         return out
     decision = resolve_kernel(x.shape[0], weights, kernel, use_fp32_acc, backend)
@@ -268,6 +309,105 @@ def fused_moe(x, ids, p, weights, *, backend=None, kernel=None, use_fp32_acc=Non
             still = not _finite(view, out_label)
     _count(decision.name, fallback, still)
     return out
+
+
+def _check_rsf(routed_scaling_factor):
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, numbers.Real):
+        raise TypeError(f"routed_scaling_factor: expected a number, got {type(routed_scaling_factor).__name__}")
+    if not np.isfinite(routed_scaling_factor):
+        raise ValueError(f"routed_scaling_factor: must be finite, got {routed_scaling_factor}")
+
+
+def _fused_moe_device(x, ids, p, weights, backend, kernel, use_fp32_acc, out, num_threads, routed_scaling_factor,
+                      context, stream):
+    """fused_moe on CUDA arrays: zero-copy, on the caller's stream, never synchronising the host.
+
+    * Every array must be on the device of ``weights`` (a :class:`DeviceWeights`) and C-contiguous;
+      a host array among them is refused (nothing is copied behind the caller's back).
+    * The stream: ``stream=`` (an int handle, torch.cuda.Stream or cupy Stream), else the current
+      torch stream (torch arrays), else the current cupy stream (cupy arrays), else the legacy
+      default stream.
+    * ``out=None`` allocates the output like x (torch.empty_like / cupy.empty_like; a
+      :class:`DeviceArray` otherwise).  For CUDA-graph capture pass ``out=`` (or use torch arrays,
+      whose allocator is capture-aware), and make one call of at least the captured batch size
+      before capturing: the workspace is sized once per context and never allocated during capture.
+    * Ids are checked on the device: an id outside [0, experts) makes its token's row NaN and is
+      counted in ``stats()["cuda_invalid_ids"]``.  fp16-accumulation overflow is handled on the
+      device too (``stats()["cuda_fp32_reruns"]``).
+    """
+    if backend not in (None, "auto", "cuda"):
+        raise ValueError(f"backend: {backend!r} cannot run CUDA arrays/DeviceWeights; use backend='cuda' (or None)")
+    if not isinstance(weights, DeviceWeights):
+        raise TypeError(f"weights: {type(weights).__name__} on the host, but the arrays are on a CUDA device; "
+                        "upload them once with weights.to('cuda') (mixing host and device data is refused)")
+    if "cuda" not in backends():
+        raise ValueError(f"backend: 'cuda' is not usable on this machine; usable: {backends()}")
+    if num_threads is not None:
+        raise ValueError("num_threads: is a CPU option; the cuda backend takes none")
+    _check_rsf(routed_scaling_factor)
+    infos = {}
+    for value, name, allowed in ((x, "x", _ACTIVATIONS), (ids, "ids", ("int32", "int64")), (p, "p", _ACTIVATIONS)):
+        if value is None:
+            raise TypeError(f"{name}: expected an array, got None")
+        if not is_device_array(value):
+            raise ValueError(f"{name}: is a host array ({type(value).__name__}) but the call runs on CUDA device "
+                             f"{weights.device}; mixing host and device arrays is refused")
+        infos[name] = _device_info(value, name, allowed, weights.device)
+    xi, ii, pi = infos["x"], infos["ids"], infos["p"]
+    if xi.shape[1] != weights.hidden:
+        raise ValueError(f"x: expected shape [tokens, {weights.hidden}], got {xi.shape}")
+    if ii.shape[0] != xi.shape[0]:
+        raise ValueError(f"ids: expected {xi.shape[0]} rows (one per token of x), got shape {ii.shape}")
+    if pi.shape != ii.shape:
+        raise ValueError(f"p: expected the shape of ids {ii.shape}, got {pi.shape}")
+    if out is None:
+        out = _empty_like(x, xi, weights.device)
+    elif not is_device_array(out):
+        raise ValueError(f"out: is a host array ({type(out).__name__}) but the call runs on CUDA device "
+                         f"{weights.device}; mixing host and device arrays is refused")
+    oi = _device_info(out, "out", _ACTIVATIONS, weights.device)
+    if oi.shape != xi.shape:
+        raise ValueError(f"out: expected the shape of x {xi.shape}, got {oi.shape}")
+    if xi.shape[0] == 0:
+        return out
+    decision = resolve_kernel(xi.shape[0], weights, kernel, use_fp32_acc, "cuda")
+    ctx = context if context is not None else _default_context("cuda", weights.device)
+    if ctx.backend != "cuda" or ctx.device != weights.device:
+        raise ValueError(f"context: is {ctx.backend}:{ctx.device}, but the weights are on cuda:{weights.device}")
+    handle = current_stream(stream, list(infos.values()), weights.device)
+    ctx.forward_pointers(weights.descriptor, *((i.ptr, i.dtype, i.shape[0], i.shape[1]) for i in (xi, ii, pi, oi)),
+                         decision.name, False, float(routed_scaling_factor), handle)
+    _count(decision.name)
+    return out
+
+
+def _device_info(value, name, allowed, device):
+    info = array_info(value, name)
+    label = "bfloat16" if info.dtype == "uint16" else info.dtype
+    if label not in allowed:
+        raise TypeError(f"{name}: dtype {info.dtype} is not accepted; expected {', '.join(allowed)}")
+    info.dtype = label
+    if len(info.shape) != 2:
+        raise ValueError(f"{name}: expected 2 dimensions, got shape {info.shape}")
+    if not info.contiguous:
+        raise ValueError(f"{name}: must be C-contiguous; pass a contiguous copy (e.g. .contiguous()) if a copy "
+                         "is acceptable")
+    if info.device is not None and info.device != device:
+        raise ValueError(f"{name}: is on CUDA device {info.device}, but the weights are on device {device}")
+    return info
+
+
+def _empty_like(x, info, device):
+    if info.kind == "torch":
+        import torch
+
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy.empty_like(x)
+    dtype = "uint16" if info.dtype == "bfloat16" else info.dtype
+    return DeviceArray(info.shape, dtype, device)
 
 
 def _finite(arr, label):

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import __version__, bench, policy, reference
 from .api import backends, fused_moe, resolve_kernel
+from .device import DeviceArray
 from .weights import PRESETS, MoEWeights
 
 # Pass/fail bound of the demo's check: max |y - ref| / max |ref|, per accumulation mode (the
@@ -85,17 +86,27 @@ def cmd_demo(args):
     preset = weights.preset or PRESETS[args.preset]
     rsf = preset.routed_scaling_factor
     rows, decoded, failed = [], {}, 0
+    on_device = weights.to("cuda") if backend == "cuda" else None
+
+    def call(c, out):
+        """One fused_moe on host arrays; on cuda the arrays are copied to the device and back (so the
+        demo's times include the copies: `metal-moe bench --backend cuda` measures the kernels)."""
+        if on_device is None:
+            return fused_moe(*c, weights, backend=backend, out=out, routed_scaling_factor=rsf)
+        o = DeviceArray.from_numpy(out)
+        fused_moe(*(DeviceArray.from_numpy(a) for a in c), on_device, out=o, routed_scaling_factor=rsf)
+        out[...] = o.numpy()
+        return out
+
     progress = Progress(args.quiet, "demo")
     for step, batch in enumerate(args.batch):
         progress(step, len(args.batch), f"batch {batch}")
         calls = bench.routings(weights, batch, args.repeats, args.seed + batch, preset)
         decision = resolve_kernel(batch, weights, backend=backend)
         out = np.empty((batch, weights.hidden), np.float16)
-        times = bench.time_call(lambda c: fused_moe(*c, weights, backend=backend, out=out,
-                                                    routed_scaling_factor=rsf), calls, warmup=1)
+        times = bench.time_call(lambda c: call(c, out), calls, warmup=1)
         x, ids, p = (a[:CHECK_TOKENS] for a in calls[0])
-        y = fused_moe(x, ids, p, weights, backend=backend, routed_scaling_factor=rsf,
-                      out=np.full(x.shape, np.nan, np.float32))
+        y = call((x, ids, p), np.full(x.shape, np.nan, np.float32))
         ref = reference.moe_forward(x, ids, p, weights, routed_scaling_factor=rsf, decoded=decoded)
         err = float(np.abs(y - ref).max() / np.abs(ref).max()) if np.all(np.isfinite(y)) else float("inf")
         tol = args.tolerance if args.tolerance is not None else TOLERANCE[not policy.accumulates_fp16(decision.name)]
@@ -125,8 +136,10 @@ def cmd_demo(args):
 # ---- bench --------------------------------------------------------------------------------------
 def cmd_bench(args):
     backend = _backend(args.backend)
-    weights = _load_weights(args)
     variants = args.variants if args.variants in ("all", "policy") else args.variants.split(",")
+    if backend == "cuda":
+        return _bench_cuda(args, variants)
+    weights = _load_weights(args)
     progress = Progress(args.quiet, "bench")
     res = bench.run(weights, backend=backend, batches=args.batch, variants=variants, repeats=args.repeats,
                     warmup=args.warmup, baseline=not args.no_baseline, seed=args.seed, progress=progress)
@@ -144,6 +157,23 @@ def cmd_bench(args):
         print(f"{r['batch']:>5}  {r['variant']:<36} {r['median_s'] * 1e3:>9.2f} {r['weight_gbps']:>7.2f} "
               f"{r['weights_per_s'] / 1e9:>7.2f} {base:>18} {r.get('max_rel_error', float('nan')):>8.1e}  "
               f"{'*' if r['policy_choice'] else ''}")
+    return 0
+
+
+def _bench_cuda(args, variants):
+    from . import bench_cuda
+
+    if args.weights:
+        raise SystemExit("metal-moe bench --backend cuda: times random weights of a preset's full shape "
+                         "(--weights is for the CPU harness)")
+    progress = Progress(args.quiet, "bench")
+    res = bench_cuda.run(args.preset, batches=args.batch, variants=variants, repeats=args.repeats, seed=args.seed,
+                         baseline=not args.no_baseline, progress=progress)
+    progress.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(bench_cuda.table(res))
     return 0
 
 

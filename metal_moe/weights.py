@@ -140,6 +140,17 @@ class MoEWeights:
         total = sum(w.nbytes for w in self.projections)
         return total + (0 if self.shared is None else sum(w.nbytes for w in self.shared))
 
+    def to(self, backend="cuda", device=0):
+        """Weights for `backend`: ``"cuda"`` uploads them once to CUDA device `device` and returns a
+        :class:`~metal_moe.DeviceWeights`; ``"cpu"`` returns self (host weights are used in place)."""
+        if backend == "cpu":
+            return self
+        if backend == "cuda":
+            from .device import DeviceWeights
+
+            return DeviceWeights.upload(self, device)
+        raise ValueError(f"backend: expected 'cpu' or 'cuda', got {backend!r}")
+
     def expert_nbytes(self, e=0):
         """Bytes of one routed expert's three projections (what a kernel reads per used expert)."""
         return sum(w.trellis[e].nbytes + w.suh[e].nbytes + w.svh[e].nbytes for w in self.projections)

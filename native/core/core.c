@@ -88,9 +88,21 @@ const char *mm_backend_name(mm_backend backend)
     return "unknown";
 }
 
-int mm_backend_built(mm_backend backend) { return backend == MM_BACKEND_CPU; }
+int mm_backend_built(mm_backend backend)
+{
+#if defined(MM_HAVE_CUDA)
+    if (backend == MM_BACKEND_CUDA) return 1;
+#endif
+    return backend == MM_BACKEND_CPU;
+}
 
-int mm_backend_device_count(mm_backend backend) { return backend == MM_BACKEND_CPU ? 1 : 0; }
+int mm_backend_device_count(mm_backend backend)
+{
+#if defined(MM_HAVE_CUDA)
+    if (backend == MM_BACKEND_CUDA) return mm_cuda_device_count();
+#endif
+    return backend == MM_BACKEND_CPU ? 1 : 0;
+}
 
 void mm_context_options_init(mm_context_options *options)
 {
@@ -124,7 +136,11 @@ mm_status mm_context_create(mm_backend backend, int device, const mm_context_opt
     if (!ctx) return mm_fail(MM_ERR_OUT_OF_MEMORY, "context: out of memory");
     ctx->backend = backend;
     ctx->device = device;
-    mm_status s = mm_cpu_context_init(ctx, options);
+    mm_status s = MM_ERR_UNSUPPORTED;
+    if (backend == MM_BACKEND_CPU) s = mm_cpu_context_init(ctx, options);
+#if defined(MM_HAVE_CUDA)
+    if (backend == MM_BACKEND_CUDA) s = mm_cuda_context_init(ctx, options);
+#endif
     if (s != MM_OK) {
         free(ctx);
         return s;
@@ -145,6 +161,53 @@ mm_backend mm_context_backend(const mm_context *ctx) { return ctx ? ctx->backend
 int mm_context_num_threads(const mm_context *ctx) { return ctx ? ctx->ops->num_threads(ctx) : 0; }
 
 const char *mm_context_simd(const mm_context *ctx) { return ctx ? ctx->ops->simd(ctx) : ""; }
+
+mm_status mm_context_counters(mm_context *ctx, uint64_t *fp32_reruns, uint64_t *invalid_ids)
+{
+    mm_clear_error();
+    if (!ctx) return mm_fail(MM_ERR_INVALID_TYPE, "ctx: NULL context");
+    uint64_t v[2] = {0, 0};
+    if (ctx->ops->counters) {
+        mm_status s = ctx->ops->counters(ctx, v, 2);
+        if (s) return s;
+    }
+    if (fp32_reruns) *fp32_reruns = v[0];
+    if (invalid_ids) *invalid_ids = v[1];
+    return MM_OK;
+}
+
+static mm_status mm_no_device_memory(const mm_context *ctx)
+{
+    return mm_fail(MM_ERR_UNSUPPORTED, "ctx: backend '%s' has no device memory (host arrays are used as they are)",
+                   mm_backend_name(ctx->backend));
+}
+
+mm_status mm_device_alloc(mm_context *ctx, size_t bytes, void **ptr)
+{
+    mm_clear_error();
+    if (!ctx) return mm_fail(MM_ERR_INVALID_TYPE, "ctx: NULL context");
+    if (!ptr) return mm_fail(MM_ERR_INVALID_TYPE, "ptr: NULL pointer");
+    *ptr = NULL;
+    if (!ctx->ops->alloc) return mm_no_device_memory(ctx);
+    return bytes ? ctx->ops->alloc(ctx, bytes, ptr) : MM_OK;
+}
+
+mm_status mm_device_free(mm_context *ctx, void *ptr)
+{
+    mm_clear_error();
+    if (!ctx) return mm_fail(MM_ERR_INVALID_TYPE, "ctx: NULL context");
+    if (!ctx->ops->release) return mm_no_device_memory(ctx);
+    return ptr ? ctx->ops->release(ctx, ptr) : MM_OK;
+}
+
+mm_status mm_device_copy(mm_context *ctx, void *dst, const void *src, size_t bytes)
+{
+    mm_clear_error();
+    if (!ctx) return mm_fail(MM_ERR_INVALID_TYPE, "ctx: NULL context");
+    if (!ctx->ops->copy) return mm_no_device_memory(ctx);
+    if (bytes && (!dst || !src)) return mm_fail(MM_ERR_INVALID_TYPE, "%s: NULL pointer", dst ? "src" : "dst");
+    return bytes ? ctx->ops->copy(ctx, dst, src, bytes) : MM_OK;
+}
 
 /* ---- variants -------------------------------------------------------------------------------- */
 int mm_variant_count(void) { return MM_VARIANT_COUNT; }
@@ -192,7 +255,7 @@ mm_status mm_variant_describe(const char *name, mm_variant_info *info)
 int mm_backend_has_variant(mm_backend backend, const char *name)
 {
     int id = mm_find_variant(name);
-    return id >= 0 && backend == MM_BACKEND_CPU;
+    return id >= 0 && mm_backend_built(backend) && backend != MM_BACKEND_METAL;
 }
 
 void mm_forward_options_init(mm_forward_options *options)
@@ -338,7 +401,10 @@ mm_status mm_moe_forward(mm_context *ctx, const mm_weights *weights, const mm_te
     if (mm_overlap(out, x)) return mm_fail(MM_ERR_INVALID_VALUE, "out: overlaps x (in-place operation is not supported)");
     if (mm_overlap(out, ids)) return mm_fail(MM_ERR_INVALID_VALUE, "out: overlaps ids");
     if (mm_overlap(out, p)) return mm_fail(MM_ERR_INVALID_VALUE, "out: overlaps p");
-    int64_t n = ids->rows * ids->cols;
+    /* Host backends check every id and weight here; device backends cannot read device memory
+     * without synchronising, so their kernels check the ids (an invalid one makes its token's row
+     * NaN and is counted, see mm_context_counters). */
+    int64_t n = ctx->backend == MM_BACKEND_CPU ? ids->rows * ids->cols : 0;
     for (int64_t i = 0; i < n; ++i) {
         int64_t e = ids->dtype == MM_I32 ? ((const int32_t *)ids->data)[i] : ((const int64_t *)ids->data)[i];
         if (e < 0 || e >= weights->experts)

@@ -50,6 +50,12 @@ typedef struct mm_backend_ops {
     int (*num_threads)(const mm_context *ctx);
     const char *(*simd)(const mm_context *ctx);
     int (*has_variant)(int variant_id);
+    /* device-side counters: [0] fp16 tiles re-run with fp32 sums, [1] invalid expert ids (NULL: none) */
+    mm_status (*counters)(mm_context *ctx, uint64_t *values, int n);
+    /* device memory (NULL for host backends) */
+    mm_status (*alloc)(mm_context *ctx, size_t bytes, void **ptr);
+    mm_status (*release)(mm_context *ctx, void *ptr);
+    mm_status (*copy)(mm_context *ctx, void *dst, const void *src, size_t bytes);
 } mm_backend_ops;
 
 struct mm_context {
@@ -68,6 +74,10 @@ mm_status mm_fail(mm_status status, const char *fmt, ...)
 
 /* Backend constructors: fill ctx->ops and ctx->impl. */
 mm_status mm_cpu_context_init(mm_context *ctx, const mm_context_options *options);
+#if defined(MM_HAVE_CUDA)
+mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_options *options);
+int mm_cuda_device_count(void);
+#endif
 
 /* Element size of a dtype in bytes. */
 size_t mm_dtype_size(mm_dtype dtype);

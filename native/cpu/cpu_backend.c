@@ -460,6 +460,10 @@ static const mm_backend_ops mm_cpu_ops = {
     .num_threads = mm_cpu_num_threads,
     .simd = mm_cpu_simd,
     .has_variant = mm_cpu_has_variant,
+    .counters = NULL,
+    .alloc = NULL,
+    .release = NULL,
+    .copy = NULL,
 };
 
 mm_status mm_cpu_context_init(mm_context *ctx, const mm_context_options *options)

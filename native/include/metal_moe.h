@@ -110,6 +110,20 @@ MM_API int mm_context_num_threads(const mm_context *ctx);
 /* A short description of the machine code the context runs: CPU "avx2+fma+f16c" or "scalar". */
 MM_API const char *mm_context_simd(const mm_context *ctx);
 
+/* Counters kept by a device context since it was created: fp16-accumulating tiles re-run with
+ * fp32 sums because their sums overflowed, and expert ids outside [0, experts) met by the kernels
+ * (device backends check ids on the device; the token's output row is then NaN).  CPU contexts
+ * report 0 (the CPU core refuses bad ids before any work, and the Python layer re-runs
+ * overflowing calls).  Reading a CUDA context's counters synchronises with its device. */
+MM_API mm_status mm_context_counters(mm_context *ctx, uint64_t *fp32_reruns, uint64_t *invalid_ids);
+
+/* Device memory of a GPU context (MM_ERR_UNSUPPORTED for the CPU backend).  mm_device_copy copies
+ * `bytes` between any two of host and this device's memory and returns when the copy is done (it
+ * synchronises with the device's legacy default stream). */
+MM_API mm_status mm_device_alloc(mm_context *ctx, size_t bytes, void **ptr);
+MM_API mm_status mm_device_free(mm_context *ctx, void *ptr);
+MM_API mm_status mm_device_copy(mm_context *ctx, void *dst, const void *src, size_t bytes);
+
 /* ---- arrays -------------------------------------------------------------------------------- */
 typedef enum mm_dtype {
     MM_F16 = 0,

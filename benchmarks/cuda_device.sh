@@ -1,0 +1,37 @@
+#!/bin/bash
+# Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
+#   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
+# Steps (any subset, run in the order given): quick, tests, smoke, sanitize, bench, benchall.  Logs and JSON go to $OUT.
+set -o pipefail
+REPO=$(pwd)
+OUT=${OUT:-/tmp/mm_out}
+mkdir -p "$OUT"
+source .device/setup.sh || exit 1
+t0=$(date +%s)
+mm_install > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build + install: $(( $(date +%s) - t0 )) s" | tee "$OUT/summary.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee -a "$OUT/summary.txt"
+cd /tmp
+python3 -c "import metal_moe as mm; print(mm.backends(), mm.Context('cuda').simd)" | tee -a "$OUT/summary.txt"
+for step in "$@"; do
+  t1=$(date +%s)
+  case $step in
+    tests)    python3 -m pytest -q -p no:cacheprovider -n 8 "$REPO/tests" > "$OUT/tests.log" 2>&1
+              tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt" ;;
+    quick)    python3 -m pytest -q -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k "not variant_matches" > "$OUT/quick.log" 2>&1
+              tail -25 "$OUT/quick.log" | tee -a "$OUT/summary.txt" ;;
+    sanitize) bash "$REPO/benchmarks/cuda_sanitize.sh" "$REPO" > "$OUT/sanitize.log" 2>&1
+              grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize.log" | tee -a "$OUT/summary.txt" ;;
+    smoke)    python3 -m metal_moe bench --backend cuda --preset glm-4.7-flash --quiet --batch 1,16,512,4096 \
+                --variants policy --repeats 10 --json "$OUT/smoke.json" 2>&1 | tee -a "$OUT/summary.txt" ;;
+    bench)    for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
+                python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,4,8,16,32,64,128,512,4096 \
+                  --json "$OUT/bench_$p.json" 2>&1 | tee -a "$OUT/bench.txt"
+              done ;;
+    benchall) for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
+                python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --variants all --repeats 10 \
+                  --batch 1,4,16,64,512,4096 --json "$OUT/benchall_$p.json" 2>&1 | tee -a "$OUT/benchall.txt"
+              done ;;
+  esac
+  echo "$step: $(( $(date +%s) - t1 )) s" | tee -a "$OUT/summary.txt"
+done

@@ -1,0 +1,412 @@
+/*
+ * The CUDA backend: contexts, the workspace, pointer checks and the four launches of a forward
+ * (shaders/cuda/moe_kernels.cuh says what each does).
+ *
+ * Stream semantics: everything runs on the stream the caller passes (NULL: the legacy default
+ * stream); nothing synchronises the host.  The workspace is owned by the context and sized once
+ * for the largest call seen: a call that needs more allocates it (outside graph capture only),
+ * and buffers are never freed before the context is, so a captured graph stays valid.  Calls on
+ * one context are ordered on the device: a call on another stream than the previous call's waits
+ * for it with an event (outside capture).  For concurrent streams, use one context per stream.
+ */
+#include <cuda_runtime.h>
+
+#include <mutex>
+#include <new>
+#include <vector>
+
+extern "C" {
+#include "mm_internal.h"
+}
+#include "moe_kernels.cuh"
+
+namespace {
+
+/* ---- the variants on CUDA --------------------------------------------------------------------- */
+/* How each registry variant is shaped on CUDA (the registry gives accumulation and bit rates). */
+constexpr int cuda_orient(int id)
+{
+    return id == MM_VARIANT_LARGE_BATCH || id == MM_VARIANT_SIMD ? mm::ORIENT_STD : mm::ORIENT_SWAP;
+}
+constexpr int cuda_tokens(int id, int tokens) { return id == MM_VARIANT_LARGE_BATCH ? 64 : tokens; }
+constexpr int cuda_wk(int id) { return cuda_orient(id) == mm::ORIENT_STD ? 1 : 2; }
+constexpr int cuda_kc(int id, int tokens)
+{
+    return cuda_tokens(id, tokens) >= 64 ? 128 : cuda_tokens(id, tokens) >= 16 ? 256 : 512;
+}
+
+struct Launcher {
+    void (*gate_up)(const mm_cuda_args);
+    void (*down)(const mm_cuda_args);
+    size_t smem_gate_up, smem_down;
+    int threads, tokens;
+};
+
+#define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                            \
+    using Cfg_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
+                                cuda_wk(MM_VARIANT_##ID), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>;
+#include "variants.def"
+#undef MM_VARIANT
+
+const Launcher launchers[MM_VARIANT_COUNT] = {
+#define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                             \
+    {mm::mm_gate_up<Cfg_##ID>, mm::mm_down<Cfg_##ID>, Cfg_##ID::smem_bytes(2), Cfg_##ID::smem_bytes(1), Cfg_##ID::THREADS, \
+     Cfg_##ID::T},
+#include "variants.def"
+#undef MM_VARIANT
+};
+
+struct Buffer {
+    void *ptr = nullptr;
+    size_t bytes = 0;
+};
+
+struct CudaContext {
+    int device = 0;
+    cudaDeviceProp props{};
+    char simd[160] = "";
+    std::mutex lock;
+    Buffer workspace;                       /* the current one */
+    std::vector<Buffer> retired;            /* outgrown, kept alive for captured graphs */
+    unsigned long long *counters = nullptr; /* device: [0] fp32 re-runs, [1] invalid ids */
+    cudaEvent_t last_done = nullptr;
+    cudaStream_t last_stream = nullptr;
+    bool has_last = false;
+};
+
+mm_status cuda_fail(cudaError_t err, const char *what)
+{
+    return mm_fail(MM_ERR_BACKEND, "cuda: %s failed: %s (%s)", what, cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+/* Make `device` current for the scope, restoring the caller's. */
+struct DeviceGuard {
+    int previous = -1;
+    cudaError_t err = cudaSuccess;
+    explicit DeviceGuard(int device)
+    {
+        if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+        if (previous != device) err = cudaSetDevice(device);
+    }
+    ~DeviceGuard()
+    {
+        int now = -1;
+        if (previous >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous) cudaSetDevice(previous);
+    }
+};
+
+CudaContext *impl(mm_context *ctx) { return static_cast<CudaContext *>(ctx->impl); }
+
+void cuda_destroy(mm_context *ctx)
+{
+    CudaContext *c = impl(ctx);
+    if (!c) return;
+    {
+        DeviceGuard guard(c->device);
+        cudaDeviceSynchronize();            /* work still queued may use the workspace */
+        cudaFree(c->workspace.ptr);
+        for (Buffer &b : c->retired) cudaFree(b.ptr);
+        cudaFree(c->counters);
+        if (c->last_done) cudaEventDestroy(c->last_done);
+    }
+    delete c;
+    ctx->impl = nullptr;
+}
+
+int cuda_num_threads(const mm_context *) { return 0; }
+
+const char *cuda_simd(const mm_context *ctx) { return static_cast<const CudaContext *>(ctx->impl)->simd; }
+
+int cuda_has_variant(int id) { return id >= 0 && id < MM_VARIANT_COUNT; }
+
+/* ---- pointer checks ----------------------------------------------------------------------------- */
+mm_status check_device_pointer(const void *ptr, int device, const char *name)
+{
+    if (!ptr) return MM_OK;                 /* NULL with zero size was accepted by the core */
+    cudaPointerAttributes attr;
+    cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        return mm_fail(MM_ERR_INVALID_VALUE, "%s: %p is not memory the CUDA runtime knows (%s)", name, ptr,
+                       cudaGetErrorString(err));
+    }
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+        return mm_fail(MM_ERR_INVALID_VALUE,
+                       "%s: is host memory, but the 'cuda' backend reads device memory (copy it to device %d "
+                       "first, e.g. MoEWeights.to('cuda') / torch .cuda())",
+                       name, device);
+    if (attr.type == cudaMemoryTypeDevice && attr.device != device)
+        return mm_fail(MM_ERR_INVALID_VALUE, "%s: is on CUDA device %d, but the context is on device %d", name,
+                       attr.device, device);
+    return MM_OK;
+}
+
+mm_status check_projection_pointers(const mm_projection *p, int device, const char *name)
+{
+    char what[64];
+    mm_status s;
+    snprintf(what, sizeof what, "%s.trellis", name);
+    if ((s = check_device_pointer(p->trellis, device, what))) return s;
+    snprintf(what, sizeof what, "%s.suh", name);
+    if ((s = check_device_pointer(p->suh, device, what))) return s;
+    snprintf(what, sizeof what, "%s.svh", name);
+    return check_device_pointer(p->svh, device, what);
+}
+
+size_t align_up(size_t n) { return (n + 255) & ~static_cast<size_t>(255); }
+
+mm_cuda_proj view(const mm_projection &p, int in, int out)
+{
+    mm_cuda_proj v;
+    v.tiles = reinterpret_cast<const uint32_t *>(p.trellis);
+    v.suh = p.suh;
+    v.svh = p.svh;
+    v.expert_words = static_cast<int64_t>(in / 16) * (out / 16) * mm_tile_dwords(p.bits_x2);
+    v.kx2 = p.bits_x2;
+    v.codebook = p.codebook;
+    return v;
+}
+
+mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
+{
+    CudaContext *c = impl(ctx);
+    const mm_weights *w = call->w;
+    DeviceGuard guard(c->device);
+    if (guard.err != cudaSuccess) return cuda_fail(guard.err, "cudaSetDevice");
+    mm_status s;
+    const int dev = c->device;
+    if ((s = check_device_pointer(call->x, dev, "x")) || (s = check_device_pointer(call->ids, dev, "ids")) ||
+        (s = check_device_pointer(call->p, dev, "p")) || (s = check_device_pointer(call->out, dev, "out")) ||
+        (s = check_projection_pointers(&w->gate, dev, "weights.gate")) ||
+        (s = check_projection_pointers(&w->up, dev, "weights.up")) ||
+        (s = check_projection_pointers(&w->down, dev, "weights.down")))
+        return s;
+    if (w->has_shared &&
+        ((s = check_projection_pointers(&w->shared_gate, dev, "weights.shared_gate")) ||
+         (s = check_projection_pointers(&w->shared_up, dev, "weights.shared_up")) ||
+         (s = check_projection_pointers(&w->shared_down, dev, "weights.shared_down"))))
+        return s;
+    const int nexp = w->experts + (w->has_shared ? 1 : 0);
+    if (nexp > mm::MAX_EXPERTS)
+        return mm_fail(MM_ERR_UNSUPPORTED, "weights.experts: the cuda backend groups at most %d experts (with the "
+                       "shared one) per call, got %d", mm::MAX_EXPERTS, nexp);
+    const Launcher &L = launchers[call->variant_id];
+    const int H = w->hidden, I = w->intermediate;
+    const int64_t slots = call->tokens * call->top_k + (w->has_shared ? call->tokens : 0);
+    if (2 * slots * (H > I ? H : I) >= (1ll << 31))
+        return mm_fail(MM_ERR_UNSUPPORTED, "x: %lld tokens x %d slots is too many for one cuda call (the workspace "
+                       "is indexed with 32-bit offsets); split the batch", (long long)call->tokens,
+                       (int)(slots / call->tokens));
+    const int64_t max_tiles = std::min<int64_t>(slots, slots / L.tokens + std::min<int64_t>(nexp, slots));
+
+    /* workspace layout */
+    const size_t off_xin = 0;
+    const size_t off_act = off_xin + align_up(2ull * slots * H * 2);
+    const size_t off_down = off_act + align_up(1ull * slots * I * 2);
+    const size_t off_order = off_down + align_up(1ull * slots * H * 4);
+    const size_t off_tiles = off_order + align_up(1ull * slots * 4);
+    const size_t off_ntiles = off_tiles + align_up(1ull * max_tiles * sizeof(mm_cuda_tile));
+    const size_t need = off_ntiles + 256;
+
+    cudaStream_t stream = static_cast<cudaStream_t>(call->stream);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    cudaError_t err = cudaStreamIsCapturing(stream, &capture);
+    if (err != cudaSuccess) return cuda_fail(err, "cudaStreamIsCapturing");
+    const bool capturing = capture != cudaStreamCaptureStatusNone;
+
+    std::lock_guard<std::mutex> hold(c->lock);
+    if (c->workspace.bytes < need) {
+        if (capturing)
+            return mm_fail(MM_ERR_UNSUPPORTED,
+                           "workspace: this call needs %zu bytes of workspace and the stream is being captured into "
+                           "a graph, where nothing may be allocated; run one call of at least this batch size "
+                           "before capturing (the workspace is sized once per context)", need);
+        Buffer b;
+        err = cudaMalloc(&b.ptr, need);
+        if (err != cudaSuccess) {
+            cudaGetLastError();
+            return mm_fail(MM_ERR_OUT_OF_MEMORY, "workspace: cannot allocate %zu bytes on CUDA device %d (%s)", need,
+                           dev, cudaGetErrorString(err));
+        }
+        b.bytes = need;
+        if (c->workspace.ptr) c->retired.push_back(c->workspace);
+        c->workspace = b;
+    }
+    if (!capturing && c->has_last && c->last_stream != stream) {
+        err = cudaStreamWaitEvent(stream, c->last_done, 0);
+        if (err != cudaSuccess) return cuda_fail(err, "cudaStreamWaitEvent");
+    }
+    char *ws = static_cast<char *>(c->workspace.ptr);
+
+    mm_cuda_args a;
+    memset(&a, 0, sizeof a);
+    a.hidden = H;
+    a.intermediate = I;
+    a.experts = w->experts;
+    a.has_shared = w->has_shared ? 1 : 0;
+    a.top_k = call->top_k;
+    a.tokens_per_tile = L.tokens;
+    a.tokens = call->tokens;
+    a.slots = slots;
+    a.x = call->x;
+    a.ids = call->ids;
+    a.p = call->p;
+    a.out = call->out;
+    a.x_dtype = call->x_dtype;
+    a.ids_dtype = call->ids_dtype == MM_I32 ? mm::DT_I32 : MM_I64;
+    a.p_dtype = call->p_dtype;
+    a.out_dtype = call->out_dtype;
+    a.routed_scaling_factor = call->routed_scaling_factor;
+    a.proj[0][0] = view(w->gate, H, I);
+    a.proj[0][1] = view(w->up, H, I);
+    a.proj[0][2] = view(w->down, I, H);
+    if (w->has_shared) {
+        a.proj[1][0] = view(w->shared_gate, H, I);
+        a.proj[1][1] = view(w->shared_up, H, I);
+        a.proj[1][2] = view(w->shared_down, I, H);
+    } else {
+        a.proj[1][0] = a.proj[0][0];
+        a.proj[1][1] = a.proj[0][1];
+        a.proj[1][2] = a.proj[0][2];
+    }
+    a.xin = reinterpret_cast<uint16_t *>(ws + off_xin);
+    a.act = reinterpret_cast<uint16_t *>(ws + off_act);
+    a.down = reinterpret_cast<float *>(ws + off_down);
+    a.order = reinterpret_cast<int32_t *>(ws + off_order);
+    a.tiles = reinterpret_cast<mm_cuda_tile *>(ws + off_tiles);
+    a.ntiles = reinterpret_cast<int32_t *>(ws + off_ntiles);
+    a.counters = c->counters;
+
+    mm::mm_prep<<<static_cast<unsigned>(1 + slots), mm::PREP_THREADS, 0, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_prep");
+    L.gate_up<<<dim3(static_cast<unsigned>(max_tiles), I / mm::COLS), L.threads, L.smem_gate_up, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_gate_up");
+    L.down<<<dim3(static_cast<unsigned>(max_tiles), H / mm::COLS), L.threads, L.smem_down, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_down");
+    const unsigned hblocks = static_cast<unsigned>((H / 4 + mm::COMBINE_THREADS - 1) / mm::COMBINE_THREADS);
+    mm::mm_combine<<<dim3(static_cast<unsigned>(call->tokens), hblocks), mm::COMBINE_THREADS, 0, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_combine");
+    if (!capturing) {
+        if ((err = cudaEventRecord(c->last_done, stream)) != cudaSuccess) return cuda_fail(err, "cudaEventRecord");
+        c->last_stream = stream;
+        c->has_last = true;
+    }
+    return MM_OK;
+}
+
+mm_status cuda_decode(mm_context *ctx, const int16_t *trellis, int in_features, int out_features, int kx2,
+                      int codebook, int simd, uint16_t *out)
+{
+    (void)simd;
+    CudaContext *c = impl(ctx);
+    DeviceGuard guard(c->device);
+    if (guard.err != cudaSuccess) return cuda_fail(guard.err, "cudaSetDevice");
+    mm_status s;
+    if ((s = check_device_pointer(trellis, c->device, "trellis")) || (s = check_device_pointer(out, c->device, "out")))
+        return s;
+    const int64_t tiles = static_cast<int64_t>(in_features / 16) * (out_features / 16);
+    const int per_block = 8;
+    mm::mm_decode<<<static_cast<unsigned>((tiles + per_block - 1) / per_block), 32 * per_block>>>(
+        reinterpret_cast<const uint32_t *>(trellis), in_features / 16, out_features / 16, kx2, codebook, out);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return cuda_fail(err, "launch of mm_decode");
+    if ((err = cudaStreamSynchronize(nullptr)) != cudaSuccess) return cuda_fail(err, "mm_decode");
+    return MM_OK;
+}
+
+mm_status cuda_counters(mm_context *ctx, uint64_t *values, int n)
+{
+    CudaContext *c = impl(ctx);
+    DeviceGuard guard(c->device);
+    unsigned long long host[2] = {0, 0};
+    cudaError_t err = cudaMemcpy(host, c->counters, sizeof host, cudaMemcpyDeviceToHost);
+    if (err != cudaSuccess) return cuda_fail(err, "reading the counters");
+    for (int i = 0; i < n && i < 2; ++i) values[i] = host[i];
+    return MM_OK;
+}
+
+mm_status cuda_alloc(mm_context *ctx, size_t bytes, void **ptr)
+{
+    DeviceGuard guard(impl(ctx)->device);
+    cudaError_t err = guard.err == cudaSuccess ? cudaMalloc(ptr, bytes) : guard.err;
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        *ptr = nullptr;
+        return mm_fail(MM_ERR_OUT_OF_MEMORY, "cuda: cannot allocate %zu bytes on device %d (%s)", bytes,
+                       impl(ctx)->device, cudaGetErrorString(err));
+    }
+    return MM_OK;
+}
+
+mm_status cuda_release(mm_context *ctx, void *ptr)
+{
+    DeviceGuard guard(impl(ctx)->device);
+    cudaError_t err = cudaFree(ptr);
+    return err == cudaSuccess ? MM_OK : cuda_fail(err, "cudaFree");
+}
+
+mm_status cuda_copy(mm_context *ctx, void *dst, const void *src, size_t bytes)
+{
+    DeviceGuard guard(impl(ctx)->device);
+    cudaError_t err = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault);
+    return err == cudaSuccess ? MM_OK : cuda_fail(err, "cudaMemcpy");
+}
+
+const mm_backend_ops cuda_ops = {
+    cuda_forward, cuda_decode, cuda_destroy, cuda_num_threads, cuda_simd, cuda_has_variant, cuda_counters,
+    cuda_alloc,   cuda_release, cuda_copy,
+};
+
+}  // namespace
+
+extern "C" int mm_cuda_device_count(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_options *options)
+{
+    (void)options;
+    CudaContext *c = new (std::nothrow) CudaContext;
+    if (!c) return mm_fail(MM_ERR_OUT_OF_MEMORY, "context: out of memory");
+    c->device = ctx->device;
+    ctx->impl = c;
+    ctx->ops = &cuda_ops;
+    DeviceGuard guard(c->device);
+    cudaError_t err = guard.err;
+    if (err == cudaSuccess) err = cudaGetDeviceProperties(&c->props, c->device);
+    if (err != cudaSuccess) {
+        cuda_destroy(ctx);
+        return cuda_fail(err, "opening the device");
+    }
+    if (c->props.major < 8) {
+        const int major = c->props.major, minor = c->props.minor;
+        cuda_destroy(ctx);
+        return mm_fail(MM_ERR_UNSUPPORTED, "device: compute capability %d.%d; the cuda kernels need 8.0 or newer",
+                       major, minor);
+    }
+    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs)", c->props.major, c->props.minor, c->props.name,
+             c->props.multiProcessorCount);
+    if ((err = cudaMalloc(&c->counters, 2 * sizeof(unsigned long long))) != cudaSuccess ||
+        (err = cudaMemset(c->counters, 0, 2 * sizeof(unsigned long long))) != cudaSuccess ||
+        (err = cudaEventCreateWithFlags(&c->last_done, cudaEventDisableTiming)) != cudaSuccess) {
+        cuda_destroy(ctx);
+        return cuda_fail(err, "creating the context");
+    }
+    for (int v = 0; v < MM_VARIANT_COUNT; ++v) {
+        const Launcher &L = launchers[v];
+        if ((err = cudaFuncSetAttribute(L.gate_up, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(L.smem_gate_up))) != cudaSuccess ||
+            (err = cudaFuncSetAttribute(L.down, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(L.smem_down))) != cudaSuccess) {
+            cuda_destroy(ctx);
+            return cuda_fail(err, "setting the kernels' shared-memory limits");
+        }
+    }
+    return MM_OK;
+}

@@ -1,0 +1,724 @@
+/*
+ * The CUDA kernels: one template family, specialised per variant in native/cuda/cuda_backend.cu.
+ *
+ * A forward is four launches on the caller's stream:
+ *   1. mm_prep       block 0 groups the slots by expert (counting sort in shared memory) and writes
+ *                    the tile list; every other block rotates one slot's input for gate and up:
+ *                    fp16(x * suh) -> Hadamard -> fp16.  (Both only need ids, so they share a launch.)
+ *   2. mm_gate_up<>  per (tile of up to T slots of one expert, 128 intermediate columns): the gate and
+ *                    up GEMMs with weights decoded in registers and consumed by tensor-core MMAs, then
+ *                    the fused epilogue: output Hadamard, * svh, SwiGLU, * suh_down, the down input
+ *                    Hadamard; writes the fp16 down input.
+ *   3. mm_down<>     per (tile, 128 hidden columns): the down GEMM, output Hadamard, * svh; fp32 out.
+ *   4. mm_combine    per token: sum_j p[t,j] * down[slot] in slot order, * rsf, + shared expert.
+ * Launch 3 needs every intermediate column of a slot (its Hadamard input), and launch 4 every slot of
+ * a token, so neither can start before the previous one ends: four is the fewest for this split.
+ *
+ * Decoding (FORMAT.md 2, 3; constants and the window arithmetic from shaders/common/mm_exl3.h): lane
+ * l of a warp owns positions 8l..8l+7 of a 16x16 tile, i.e. exactly an m16n8k16 MMA fragment.  It
+ * reads the three 32-bit words that hold the 7K+16 stream bits of its eight 16-bit states, extracts
+ * them with funnel shifts, and turns pairs of states into packed fp16 pairs: 3INST/MCG with one
+ * multiply-add, one LOP3 and one HADD2 (the sum of the two halves, rounded once), MUL1 with one
+ * multiply, one DP4A (the byte sum) and one HFMA2 (h * A + B, rounded once).  Bit exact.
+ *
+ * Two MMA orientations:
+ *   weights as A ("swap", few tokens): mma(A = W^T tile (m = 16 output columns, k = 16 inputs),
+ *       B = x^T (k = 16 inputs, n = 8 tokens)): tokens pad to 8.
+ *   weights as B ("std", many tokens): mma(A = x (m = 16 tokens, k = 16), B = W (k = 16, n = 8
+ *       columns)) twice per tile: tokens pad to 16.  The format's native orientation.
+ * Inputs are staged per K chunk in shared memory with cp.async (double-buffered); weight words are
+ * prefetched one step ahead in registers.  Accumulation: fp32 MMA accumulators, or fp16 ones (the
+ * running sum rounded after every 16-row k-slice).  An fp16-accumulating tile whose sums are not
+ * finite is re-run in the same launch with fp32 accumulators for the slots that overflowed (per
+ * slot, so the result never depends on which slots share a tile), and counted.
+ */
+#ifndef MM_MOE_KERNELS_CUH
+#define MM_MOE_KERNELS_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "mm_cuda_args.h"
+#include "mm_exl3.h"
+
+namespace mm {
+
+enum { ORIENT_SWAP = 0, ORIENT_STD = 1 };
+constexpr int COLS = 128;            /* output columns per CTA: one Hadamard block */
+constexpr int NWARP_N = COLS / 16;   /* warps across the columns (one 16-column tile each) */
+constexpr int EP_STRIDE = COLS + 4;  /* floats per epilogue row */
+constexpr int DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2, DT_I32 = 3;   /* mm_dtype values */
+
+/* The compile-time shape of a variant on CUDA. */
+template <int ORIENT_, int T_, bool F32_, int WK_, int KC_, int KG_, int KU_, int KD_>
+struct Config {
+    static constexpr int ORIENT = ORIENT_;
+    static constexpr int T = T_;             /* slots per tile (tokens sharing one decode) */
+    static constexpr bool F32 = F32_;        /* fp32 accumulators */
+    static constexpr int WK = WK_;           /* warps splitting K (partial sums added in fixed order) */
+    static constexpr int KC = KC_;           /* K columns staged per chunk */
+    static constexpr int KG = KG_, KU = KU_, KD = KD_;   /* compile-time 2K, 0 = run-time */
+    static constexpr int U = 4;              /* k-tiles per warp per step */
+    static constexpr int THREADS = 32 * NWARP_N * WK;
+    static constexpr int TP = ORIENT == ORIENT_SWAP ? (T + 7) / 8 * 8 : (T + 15) / 16 * 16;
+    static_assert(ORIENT == ORIENT_SWAP || T % 16 == 0, "std orientation needs whole m16 blocks");
+    static_assert(KC % (16 * WK * U) == 0 && COLS % (16 * WK * U) == 0, "chunks hold whole warp steps");
+    /* shared memory: the staged inputs, aliased by the fp32 epilogue rows; fp16-accumulating
+     * variants keep their rows in a half-precision region after both, so that the fp32 re-run of
+     * overflowed slots leaves the other slots' results in place */
+    static constexpr size_t stage_bytes(int nmat) { return 2ull * nmat * T * (KC + 8) * 2; }
+    static constexpr size_t ep32_bytes(int nmat) { return 4ull * WK * nmat * T * EP_STRIDE; }
+    static constexpr size_t ep16_offset(int nmat)
+    {
+        return stage_bytes(nmat) > ep32_bytes(nmat) ? stage_bytes(nmat) : ep32_bytes(nmat);
+    }
+    static constexpr size_t smem_bytes(int nmat) { return ep16_offset(nmat) + (F32 ? 0 : ep32_bytes(nmat) / 2); }
+};
+
+/* ---- small helpers -------------------------------------------------------------------------- */
+__device__ __forceinline__ float load_act(const void *p, int dtype, int64_t i)
+{
+    if (dtype == DT_F32) return static_cast<const float *>(p)[i];
+    const uint16_t h = static_cast<const uint16_t *>(p)[i];
+    if (dtype == DT_BF16) return __uint_as_float(static_cast<uint32_t>(h) << 16);
+    return __half2float(__ushort_as_half(h));
+}
+
+__device__ __forceinline__ void store_act(void *p, int dtype, int64_t i, float v)
+{
+    if (dtype == DT_F32) static_cast<float *>(p)[i] = v;
+    else if (dtype == DT_BF16) static_cast<__nv_bfloat16 *>(p)[i] = __float2bfloat16_rn(v);
+    else static_cast<__half *>(p)[i] = __float2half_rn(v);
+}
+
+__device__ __forceinline__ float round_half(float v) { return __half2float(__float2half_rn(v)); }
+
+__device__ __forceinline__ float half_bits(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+/* v[0..4) are elements 4*lane .. 4*lane+3 of a 128-vector held by the warp: v <- v @ H/sqrt(128).
+ * The same butterflies in the same order as mm_hadamard128, so the results are identical. */
+__device__ __forceinline__ void warp_hadamard128(float v[4])
+{
+    const int lane = threadIdx.x & 31;
+    float a = v[0], b = v[1], c = v[2], d = v[3];
+    v[0] = a + b, v[1] = a - b, v[2] = c + d, v[3] = c - d;                 /* h = 1 */
+    a = v[0], b = v[1], c = v[2], d = v[3];
+    v[0] = a + c, v[1] = b + d, v[2] = a - c, v[3] = b - d;                 /* h = 2 */
+#pragma unroll
+    for (int m = 1; m < 32; m <<= 1) {                                       /* h = 4 .. 64 */
+        const bool upper = lane & m;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float o = __shfl_xor_sync(0xffffffffu, v[e], m);
+            v[e] = upper ? o - v[e] : v[e] + o;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] *= MM_INV_SQRT_HAD;
+}
+
+/* The slot of expert-group position `i` of routed slot s: token and expert. */
+__device__ __forceinline__ int64_t slot_token(const mm_cuda_args &a, int64_t s)
+{
+    const int64_t routed = a.tokens * a.top_k;
+    return s < routed ? s / a.top_k : s - routed;
+}
+
+__device__ __forceinline__ int slot_expert(const mm_cuda_args &a, int64_t s)
+{
+    const int64_t routed = a.tokens * a.top_k;
+    if (s >= routed) return a.experts;                                       /* the shared expert */
+    const int64_t e = a.ids_dtype == DT_I32 ? static_cast<const int32_t *>(a.ids)[s]
+                                            : static_cast<const int64_t *>(a.ids)[s];
+    return e >= 0 && e < a.experts ? static_cast<int>(e) : -1;               /* -1: invalid */
+}
+
+/* ---- decoding ------------------------------------------------------------------------------- */
+/* Per lane: which words hold its window and where the window starts. */
+struct LaneWindow {
+    int q0, q1, q2, b;
+};
+
+__device__ __forceinline__ LaneWindow lane_window(int kx2, int lane)
+{
+    const int nd = mm_tile_dwords(kx2), ring = 32 * nd;
+    int start = mm_position_end(8 * lane, kx2) - 16;
+    if (start < 0) start += ring;
+    LaneWindow w;
+    w.q0 = start >> 5;
+    w.b = start & 31;
+    w.q1 = w.q0 + 1 == nd ? 0 : w.q0 + 1;
+    w.q2 = w.q1 + 1 == nd ? 0 : w.q1 + 1;
+    return w;
+}
+
+/* Offset of position 8l+j's window from position 8l's (mm_position_end differences). */
+__device__ __forceinline__ int lane_offset(int kx2, int j) { return (kx2 * j + (kx2 & j & 1)) >> 1; }
+
+struct Codebook {
+    int cb;
+    uint32_t mul, add;
+};
+
+__device__ __forceinline__ Codebook codebook(int cb)
+{
+    Codebook c;
+    c.cb = cb;
+    c.mul = cb == MM_CB_MCG ? MM_MCG_MUL : cb == MM_CB_MUL1 ? MM_MUL1_MUL : MM_3INST_MUL;
+    c.add = cb == MM_CB_3INST ? MM_3INST_ADD : 0u;
+    return c;
+}
+
+/* Eight states -> four packed fp16 pairs {s0,s1}, {s2,s3}, {s4,s5}, {s6,s7}. */
+__device__ __forceinline__ void decode_pairs(const uint32_t s[8], const Codebook &c, uint32_t out[4])
+{
+    if (c.cb == MM_CB_MUL1) {
+        const __half2 A = __half2half2(__ushort_as_half(0x1EEE)), B = __half2half2(__ushort_as_half(0xC931));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const uint32_t ha = __dp4a(s[2 * i] * MM_MUL1_MUL, 0x01010101u, 0x6400u);
+            const uint32_t hb = __dp4a(s[2 * i + 1] * MM_MUL1_MUL, 0x01010101u, 0x6400u);
+            const uint32_t h = __byte_perm(ha, hb, 0x5410);
+            const __half2 v = __hfma2(*reinterpret_cast<const __half2 *>(&h), A, B);
+            out[i] = *reinterpret_cast<const uint32_t *>(&v);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const uint32_t xa = ((s[2 * i] * c.mul + c.add) & MM_HALF_MASK) ^ MM_HALF_XOR;
+            const uint32_t xb = ((s[2 * i + 1] * c.mul + c.add) & MM_HALF_MASK) ^ MM_HALF_XOR;
+            const uint32_t lo = __byte_perm(xa, xb, 0x5410), hi = __byte_perm(xa, xb, 0x7632);
+            const __half2 v = __hadd2(*reinterpret_cast<const __half2 *>(&lo), *reinterpret_cast<const __half2 *>(&hi));
+            out[i] = *reinterpret_cast<const uint32_t *>(&v);
+        }
+    }
+}
+
+/* The lane's eight fp16 weights of one tile from its three words. KX2 = 0: run-time rate. */
+template <int KX2>
+__device__ __forceinline__ void decode_lane(uint32_t w0, uint32_t w1, uint32_t w2, int b, int kx2, const Codebook &c,
+                                            uint32_t out[4])
+{
+    const uint32_t A0 = __funnelshift_l(w1, w0, b), A1 = __funnelshift_l(w2, w1, b), A2 = w2 << b;
+    uint32_t s[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int d = lane_offset(KX2 ? KX2 : kx2, j);
+        const uint32_t hi = d < 32 ? A0 : A1, lo = d < 32 ? A1 : A2;
+        s[j] = __funnelshift_l(lo, hi, d) >> 16;
+    }
+    decode_pairs(s, c, out);
+}
+
+/* ---- MMA ------------------------------------------------------------------------------------ */
+__device__ __forceinline__ void mma_f32(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_f16(uint32_t c[2], const uint32_t a[4], uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3,%4,%5}, {%6,%7}, {%0,%1};\n"
+                 : "+r"(c[0]), "+r"(c[1])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ uint32_t lds32(const uint16_t *p) { return *reinterpret_cast<const uint32_t *>(p); }
+
+/* ---- the main loop -------------------------------------------------------------------------- */
+/* One GEMM pass of a CTA: NMAT projections (gate+up, or down) for the tile's slots over all of K,
+ * accumulated per warp and stored into ep[kgroup][mat][slot][column]: floats (F32) or halves in the
+ * fp16 region.  Rows whose fp16 sums are not finite are flagged in `bad`. */
+template <class C, int NMAT, bool F32, int KX2A, int KX2B>
+__device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], int expert, const uint16_t *xbase,
+                                          int64_t mat_stride, int kdim, int ncols, int col0, const int *slot_s,
+                                          int count, char *smem, int *bad)
+{
+    constexpr int T = C::T, TP = C::TP, KC = C::KC, WK = C::WK, U = C::U;
+    constexpr int XS = KC + 8;                                   /* halves per staged row */
+    constexpr int NFRAG = C::ORIENT == ORIENT_SWAP ? TP / 8 : TP / 16;
+    constexpr int NACC = C::ORIENT == ORIENT_SWAP ? NFRAG * 4 : NFRAG * 8;   /* floats per mat */
+    uint16_t *xs = reinterpret_cast<uint16_t *>(smem);          /* [2][NMAT][T][XS] */
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wn = warp % NWARP_N, kg = warp / NWARP_N;
+    const int g = lane >> 2, c4 = lane & 3;
+    const int jtile = col0 / 16 + wn, n16 = ncols / 16;
+
+    /* per projection: tile pointer of k-tile 0 and the lane's window */
+    const uint32_t *wp[NMAT];
+    LaneWindow lw[NMAT];
+    Codebook cbk[NMAT];
+    int kx2s[NMAT], nd[NMAT];
+#pragma unroll
+    for (int m = 0; m < NMAT; ++m) {
+        const int ct = m == 0 ? KX2A : KX2B;
+        kx2s[m] = ct ? ct : proj[m]->kx2;
+        nd[m] = mm_tile_dwords(kx2s[m]);
+        lw[m] = lane_window(kx2s[m], lane);
+        cbk[m] = codebook(proj[m]->codebook);
+        wp[m] = proj[m]->tiles + static_cast<int64_t>(expert) * proj[m]->expert_words +
+                static_cast<int64_t>(jtile) * nd[m];
+    }
+    const int64_t kstride[2] = {static_cast<int64_t>(n16) * nd[0], static_cast<int64_t>(n16) * nd[NMAT - 1]};
+
+    /* the rows (slots) this lane reads from the staged inputs, clamped to the tile's slots */
+    int rows[C::ORIENT == ORIENT_SWAP ? NFRAG : 2 * NFRAG];
+#pragma unroll
+    for (int f = 0; f < NFRAG; ++f) {
+        if (C::ORIENT == ORIENT_SWAP) {
+            rows[f] = min(8 * f + g, count - 1);
+        } else {
+            rows[2 * f] = min(16 * f + g, count - 1);
+            rows[2 * f + 1] = min(16 * f + g + 8, count - 1);
+        }
+    }
+
+    float accf[NMAT][F32 ? NACC : 1];
+    uint32_t acch[NMAT][F32 ? 1 : NACC / 2];
+#pragma unroll
+    for (int m = 0; m < NMAT; ++m) {
+#pragma unroll
+        for (int i = 0; i < (F32 ? NACC : 1); ++i) accf[m][i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < (F32 ? 1 : NACC / 2); ++i) acch[m][i] = 0u;
+    }
+
+    const int ktiles = kdim / 16;
+    const int nchunks = (kdim + KC - 1) / KC;
+    constexpr int STEP_TILES = WK * U;                           /* k-tiles per CTA step */
+
+    auto stage = [&](int chunk) {
+        const int k0 = chunk * KC, kc = min(KC, kdim - k0);
+        uint16_t *dst = xs + (chunk & 1) * NMAT * T * XS;
+        const int vec_per_row = kc / 8;
+        const int total = NMAT * count * vec_per_row;          /* rows past count are never read */
+        for (int i = tid; i < total; i += C::THREADS) {
+            const int v = i % vec_per_row, r = (i / vec_per_row) % count, m = i / (vec_per_row * count);
+            const int slot = slot_s[r];
+            cp_async16(dst + (m * T + r) * XS + 8 * v, xbase + m * mat_stride + static_cast<int64_t>(slot) * kdim + k0 + 8 * v);
+        }
+        cp_async_commit();
+    };
+
+    auto load_step = [&](uint32_t (&w)[NMAT][U][3], int step) {
+#pragma unroll
+        for (int m = 0; m < NMAT; ++m) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int kt = step * STEP_TILES + u * WK + kg;
+                const uint32_t *t = wp[m] + kt * kstride[m > 0 ? 1 : 0];
+                w[m][u][0] = __ldg(t + lw[m].q0);
+                w[m][u][1] = __ldg(t + lw[m].q1);
+                w[m][u][2] = __ldg(t + lw[m].q2);
+            }
+        }
+    };
+
+    auto compute_step = [&](const uint32_t (&w)[NMAT][U][3], int step, const uint16_t *xchunk, int k0chunk) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int kt = step * STEP_TILES + u * WK + kg;
+            const int kl = kt * 16 - k0chunk;                    /* column inside the chunk */
+#pragma unroll
+            for (int m = 0; m < NMAT; ++m) {
+                uint32_t P[4];
+                if (m == 0) decode_lane<KX2A>(w[m][u][0], w[m][u][1], w[m][u][2], lw[m].b, kx2s[m], cbk[m], P);
+                else decode_lane<KX2B>(w[m][u][0], w[m][u][1], w[m][u][2], lw[m].b, kx2s[m], cbk[m], P);
+                const uint16_t *xm = xchunk + m * T * XS + kl + 2 * c4;
+                if (C::ORIENT == ORIENT_SWAP) {
+                    const uint32_t a[4] = {P[0], P[2], P[1], P[3]};      /* {s0s1}, {s4s5}, {s2s3}, {s6s7} */
+#pragma unroll
+                    for (int f = 0; f < NFRAG; ++f) {
+                        const uint16_t *xr = xm + rows[f] * XS;
+                        const uint32_t b0 = lds32(xr), b1 = lds32(xr + 8);
+                        if constexpr (F32) mma_f32(&accf[m][4 * f], a, b0, b1);
+                        else mma_f16(&acch[m][2 * f], a, b0, b1);
+                    }
+                } else {
+#pragma unroll
+                    for (int f = 0; f < NFRAG; ++f) {
+                        const uint16_t *xa = xm + rows[2 * f] * XS, *xb = xm + rows[2 * f + 1] * XS;
+                        const uint32_t a[4] = {lds32(xa), lds32(xb), lds32(xa + 8), lds32(xb + 8)};
+                        if constexpr (F32) {
+                            mma_f32(&accf[m][8 * f], a, P[0], P[1]);         /* columns 0..7 */
+                            mma_f32(&accf[m][8 * f + 4], a, P[2], P[3]);     /* columns 8..15 */
+                        } else {
+                            mma_f16(&acch[m][4 * f], a, P[0], P[1]);
+                            mma_f16(&acch[m][4 * f + 2], a, P[2], P[3]);
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    /* steps: each covers STEP_TILES k-tiles; chunks hold whole steps */
+    const int nsteps = ktiles / STEP_TILES;
+    constexpr int STEPS_PER_CHUNK = KC / 16 / STEP_TILES;
+    uint32_t wa[NMAT][U][3], wb[NMAT][U][3];
+    stage(0);
+    load_step(wa, 0);
+    for (int step = 0; step < nsteps; ++step) {
+        const int chunk = step / STEPS_PER_CHUNK;
+        if (step % STEPS_PER_CHUNK == 0) {
+            __syncthreads();                                     /* everyone is done with chunk-1's buffer */
+            if (chunk + 1 < nchunks) {
+                stage(chunk + 1);
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+        }
+        if (step + 1 < nsteps) load_step(wb, step + 1);
+        compute_step(wa, step, xs + (chunk & 1) * NMAT * T * XS, chunk * KC);
+#pragma unroll
+        for (int m = 0; m < NMAT; ++m)
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+#pragma unroll
+                for (int i = 0; i < 3; ++i) wa[m][u][i] = wb[m][u][i];
+    }
+    __syncthreads();                                             /* the staging buffers become ep */
+
+    /* accumulators -> ep[kg][m][slot][col] */
+    float *ep = reinterpret_cast<float *>(smem);
+    __half *ep16 = reinterpret_cast<__half *>(smem + C::ep16_offset(NMAT));
+#pragma unroll
+    for (int m = 0; m < NMAT; ++m) {
+        const int row0 = (kg * NMAT + m) * T * EP_STRIDE + wn * 16;
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) {
+            int tok, col;
+            if (C::ORIENT == ORIENT_SWAP) {            /* C[m = col][n = token] */
+                const int f = i / 4, r = i % 4;
+                tok = 8 * f + 2 * c4 + (r & 1);
+                col = g + 8 * (r >> 1);
+            } else {                                   /* C[m = token][n = col], two n8 halves */
+                const int f = i / 8, h = (i / 4) % 2, r = i % 4;
+                tok = 16 * f + g + 8 * (r >> 1);
+                col = 8 * h + 2 * c4 + (r & 1);
+            }
+            if (tok < count) {
+                if constexpr (F32) {
+                    ep[row0 + tok * EP_STRIDE + col] = accf[m][i];
+                } else {
+                    const __half2 hv = *reinterpret_cast<const __half2 *>(&acch[m][i / 2]);
+                    const __half v = (i & 1) ? __high2half(hv) : __low2half(hv);
+                    ep16[row0 + tok * EP_STRIDE + col] = v;
+                    if (__hisinf(v) || __hisnan(v)) bad[tok] = 1;
+                }
+            }
+        }
+    }
+}
+
+/* Runs the main loop and, for fp16 accumulation, the fp32 re-run of the slots that overflowed.
+ * Returns with ep filled and the CTA synchronised. */
+template <class C, int NMAT, int KX2A, int KX2B>
+__device__ __forceinline__ void gemm(const mm_cuda_args &a, const mm_cuda_proj *const proj[NMAT], int expert,
+                                     const uint16_t *xbase, int64_t mat_stride, int kdim, int ncols, int col0,
+                                     const int *slot_s, int count, char *smem, int *bad)
+{
+    main_loop<C, NMAT, C::F32, KX2A, KX2B>(proj, expert, xbase, mat_stride, kdim, ncols, col0, slot_s, count, smem,
+                                           bad);
+    if constexpr (!C::F32) {
+        __syncthreads();
+        if (__syncthreads_or(threadIdx.x < count && bad[threadIdx.x])) {
+            if (threadIdx.x == 0) atomicAdd(&a.counters[0], 1ull);
+            main_loop<C, NMAT, true, KX2A, KX2B>(proj, expert, xbase, mat_stride, kdim, ncols, col0, slot_s, count,
+                                                 smem, bad);
+        }
+    }
+    __syncthreads();
+}
+
+/* Epilogue input: the sum over k-groups of row `t`, column `col` of projection m; fp32 rows where
+ * the slot was re-run (or the variant accumulates in fp32), else the fp16 rows. */
+template <class C, int NMAT>
+__device__ __forceinline__ float ep_value(const char *smem, const int *bad, int m, int t, int col)
+{
+    const float *ep = reinterpret_cast<const float *>(smem);
+    const __half *ep16 = reinterpret_cast<const __half *>(smem + C::ep16_offset(NMAT));
+    const bool f32 = C::F32 || bad[t];
+    float v = 0.0f;
+#pragma unroll
+    for (int k = 0; k < C::WK; ++k) {
+        const int i = ((k * NMAT + m) * C::T + t) * EP_STRIDE + col;
+        v += f32 ? ep[i] : __half2float(ep16[i]);
+    }
+    return v;
+}
+
+/* The tile of this CTA; false if the CTA has no work (the grid is sized for the worst case). */
+template <class C>
+__device__ __forceinline__ bool load_tile(const mm_cuda_args &a, int *slot_s, int *bad, int &expert, int &count)
+{
+    if (static_cast<int>(blockIdx.x) >= *a.ntiles) return false;
+    const mm_cuda_tile t = a.tiles[blockIdx.x];
+    expert = t.expert;
+    count = t.count;
+    if (threadIdx.x < C::T) {
+        slot_s[threadIdx.x] = threadIdx.x < t.count ? a.order[t.first + threadIdx.x] : -1;
+        bad[threadIdx.x] = 0;
+    }
+    __syncthreads();
+    return true;
+}
+
+/* ---- launch 2: gate + up + SwiGLU ------------------------------------------------------------- */
+template <class C>
+__global__ void __launch_bounds__(C::THREADS) mm_gate_up(const mm_cuda_args a)
+{
+    extern __shared__ __align__(16) char smem[];
+    __shared__ int slot_s[C::T], bad[C::T];
+    int expert, count;
+    if (!load_tile<C>(a, slot_s, bad, expert, count)) return;
+    const int shared = expert == a.experts;
+    const mm_cuda_proj *proj[2] = {&a.proj[shared][0], &a.proj[shared][1]};
+    const int H = a.hidden, I = a.intermediate, col0 = blockIdx.y * COLS;
+    const int64_t ex = shared ? 0 : expert;
+    const bool ct = (C::KG == 0 || proj[0]->kx2 == C::KG) && (C::KU == 0 || proj[1]->kx2 == C::KU);
+    if constexpr (C::KG || C::KU) {
+        if (ct) gemm<C, 2, C::KG, C::KU>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
+        else gemm<C, 2, 0, 0>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
+    } else {
+        gemm<C, 2, 0, 0>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
+    }
+    /* epilogue, one warp per slot: Hadamard, * svh, SwiGLU, * suh_down, Hadamard */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int cl = 4 * lane;
+    const uint16_t *svh_g = proj[0]->svh + ex * I + col0, *svh_u = proj[1]->svh + ex * I + col0;
+    const uint16_t *suh_d = a.proj[shared][2].suh + ex * I + col0;
+    for (int t = warp; t < count; t += C::THREADS / 32) {
+        float gv[4], uv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            gv[e] = round_half(ep_value<C, 2>(smem, bad, 0, t, cl + e));
+            uv[e] = round_half(ep_value<C, 2>(smem, bad, 1, t, cl + e));
+        }
+        warp_hadamard128(gv);
+        warp_hadamard128(uv);
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float gg = round_half(round_half(gv[e]) * half_bits(svh_g[cl + e]));
+            const float uu = round_half(round_half(uv[e]) * half_bits(svh_u[cl + e]));
+            v[e] = round_half(round_half(round_half(mm_silu(gg)) * uu) * half_bits(suh_d[cl + e]));
+        }
+        warp_hadamard128(v);
+        __align__(8) __half out[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[e] = __float2half_rn(v[e]);
+        *reinterpret_cast<uint2 *>(a.act + static_cast<int64_t>(slot_s[t]) * I + col0 + cl) =
+            *reinterpret_cast<const uint2 *>(out);
+    }
+}
+
+/* ---- launch 3: down --------------------------------------------------------------------------- */
+template <class C>
+__global__ void __launch_bounds__(C::THREADS) mm_down(const mm_cuda_args a)
+{
+    extern __shared__ __align__(16) char smem[];
+    __shared__ int slot_s[C::T], bad[C::T];
+    int expert, count;
+    if (!load_tile<C>(a, slot_s, bad, expert, count)) return;
+    const int shared = expert == a.experts;
+    const mm_cuda_proj *proj[1] = {&a.proj[shared][2]};
+    const int H = a.hidden, I = a.intermediate, col0 = blockIdx.y * COLS;
+    if constexpr (C::KD != 0) {
+        if (proj[0]->kx2 == C::KD) gemm<C, 1, C::KD, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
+        else gemm<C, 1, 0, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
+    } else {
+        gemm<C, 1, 0, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, cl = 4 * lane;
+    const uint16_t *svh = proj[0]->svh + (shared ? 0 : static_cast<int64_t>(expert)) * H + col0;
+    for (int t = warp; t < count; t += C::THREADS / 32) {
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = ep_value<C, 1>(smem, bad, 0, t, cl + e);
+        warp_hadamard128(v);
+        float4 o;
+        o.x = half_bits(svh[cl + 0]) * v[0];
+        o.y = half_bits(svh[cl + 1]) * v[1];
+        o.z = half_bits(svh[cl + 2]) * v[2];
+        o.w = half_bits(svh[cl + 3]) * v[3];
+        *reinterpret_cast<float4 *>(a.down + static_cast<int64_t>(slot_s[t]) * H + col0 + cl) = o;
+    }
+}
+
+/* ---- launch 1: routing (block 0) and input rotation (blocks 1..slots) --------------------------- */
+constexpr int PREP_THREADS = 256;
+constexpr int MAX_EXPERTS = 1024;            /* routed + shared experts one CUDA call can group */
+
+/* Exclusive prefix sums of v[0..n) (n <= 4 * PREP_THREADS) in place; returns the total. */
+__device__ int block_exclusive_scan(int *v, int n, int *warp_sums)
+{
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int local[4], sum = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int idx = 4 * tid + i;
+        local[i] = idx < n ? v[idx] : 0;
+        sum += local[i];
+    }
+    int incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    if (tid == 0) {
+        int run = 0;
+        for (int w = 0; w < PREP_THREADS / 32; ++w) {
+            const int s = warp_sums[w];
+            warp_sums[w] = run;
+            run += s;
+        }
+        warp_sums[PREP_THREADS / 32] = run;
+    }
+    __syncthreads();
+    int run = warp_sums[warp] + incl - sum;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int idx = 4 * tid + i;
+        if (idx < n) v[idx] = run;
+        run += local[i];
+    }
+    const int total = warp_sums[PREP_THREADS / 32];
+    __syncthreads();
+    return total;
+}
+
+__device__ void route(const mm_cuda_args &a)
+{
+    __shared__ int cnt[MAX_EXPERTS], base[MAX_EXPERTS], tbase[MAX_EXPERTS], warp_sums[PREP_THREADS / 32 + 1];
+    const int nexp = a.experts + a.has_shared, T = a.tokens_per_tile;
+    for (int e = threadIdx.x; e < nexp; e += PREP_THREADS) cnt[e] = 0;
+    __syncthreads();
+    for (int64_t s = threadIdx.x; s < a.slots; s += PREP_THREADS) {
+        const int e = slot_expert(a, s);
+        if (e >= 0) atomicAdd(&cnt[e], 1);
+        else atomicAdd(&a.counters[1], 1ull);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < nexp; e += PREP_THREADS) {
+        base[e] = cnt[e];
+        tbase[e] = (cnt[e] + T - 1) / T;
+    }
+    __syncthreads();
+    block_exclusive_scan(base, nexp, warp_sums);
+    const int ntiles = block_exclusive_scan(tbase, nexp, warp_sums);
+    for (int e = threadIdx.x; e < nexp; e += PREP_THREADS) {
+        for (int i = 0; i * T < cnt[e]; ++i) {
+            mm_cuda_tile t;
+            t.expert = e;
+            t.first = base[e] + i * T;
+            t.count = min(T, cnt[e] - i * T);
+            t.unused = 0;
+            a.tiles[tbase[e] + i] = t;
+        }
+    }
+    __syncthreads();
+    for (int64_t s = threadIdx.x; s < a.slots; s += PREP_THREADS) {       /* base[] becomes a cursor */
+        const int e = slot_expert(a, s);
+        if (e >= 0) a.order[atomicAdd(&base[e], 1)] = static_cast<int>(s);
+    }
+    if (threadIdx.x == 0) *a.ntiles = ntiles;
+}
+
+__global__ void __launch_bounds__(PREP_THREADS) mm_prep(const mm_cuda_args a)
+{
+    if (blockIdx.x == 0) {
+        route(a);
+        return;
+    }
+    const int64_t s = blockIdx.x - 1;
+    const int e = slot_expert(a, s);
+    if (e < 0) return;                                     /* never read: the slot is in no tile */
+    const int shared = e == a.experts;
+    const int64_t ex = shared ? 0 : e, t = slot_token(a, s);
+    const int H = a.hidden, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int item = warp; item < 2 * (H / MM_HAD); item += PREP_THREADS / 32) {
+        const int m = item / (H / MM_HAD), k0 = (item % (H / MM_HAD)) * MM_HAD + 4 * lane;
+        const uint16_t *suh = a.proj[shared][m].suh + ex * H;
+        float v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = round_half(load_act(a.x, a.x_dtype, t * H + k0 + i) * half_bits(suh[k0 + i]));
+        warp_hadamard128(v);
+        __align__(8) __half out[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) out[i] = __float2half_rn(v[i]);
+        *reinterpret_cast<uint2 *>(a.xin + (m * a.slots + s) * H + k0) = *reinterpret_cast<const uint2 *>(out);
+    }
+}
+
+/* ---- launch 4: the weighted combine -------------------------------------------------------------- */
+constexpr int COMBINE_THREADS = 256;
+
+__global__ void __launch_bounds__(COMBINE_THREADS) mm_combine(const mm_cuda_args a)
+{
+    const int64_t t = blockIdx.x;
+    const int H = a.hidden;
+    const int h0 = 4 * (blockIdx.y * COMBINE_THREADS + threadIdx.x);
+    if (h0 >= H) return;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < a.top_k; ++j) {
+        const int64_t s = t * a.top_k + j;
+        const float p = load_act(a.p, a.p_dtype, s);
+        if (slot_expert(a, s) < 0) {                       /* an invalid id: the token's row is NaN */
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[i] = __int_as_float(0x7fc00000);
+            continue;
+        }
+        const float4 d = *reinterpret_cast<const float4 *>(a.down + s * H + h0);
+        acc[0] += p * d.x, acc[1] += p * d.y, acc[2] += p * d.z, acc[3] += p * d.w;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] *= a.routed_scaling_factor;
+    if (a.has_shared) {
+        const float4 d = *reinterpret_cast<const float4 *>(a.down + (a.tokens * a.top_k + t) * H + h0);
+        acc[0] += d.x, acc[1] += d.y, acc[2] += d.z, acc[3] += d.w;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) store_act(a.out, a.out_dtype, t * H + h0 + i, acc[i]);
+}
+
+/* ---- decode one projection (tests and tools) ------------------------------------------------------ */
+__global__ void mm_decode(const uint32_t *tiles, int k_tiles, int n_tiles, int kx2, int cb, uint16_t *out)
+{
+    const int64_t tile = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+    if (tile >= static_cast<int64_t>(k_tiles) * n_tiles) return;
+    const int lane = threadIdx.x & 31, i = static_cast<int>(tile / n_tiles), j = static_cast<int>(tile % n_tiles);
+    const uint32_t *t = tiles + tile * mm_tile_dwords(kx2);
+    const LaneWindow w = lane_window(kx2, lane);
+    uint32_t P[4];
+    decode_lane<0>(t[w.q0], t[w.q1], t[w.q2], w.b, kx2, codebook(cb), P);
+    const int64_t n = 16ll * n_tiles;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const int p = 8 * lane + q;
+        const uint16_t v = static_cast<uint16_t>(q & 1 ? P[q / 2] >> 16 : P[q / 2] & 0xFFFFu);
+        out[(16ll * i + mm_tile_row(p)) * n + 16ll * j + mm_tile_col(p)] = v;
+    }
+}
+
+}  // namespace mm
+
+#endif

@@ -1,0 +1,370 @@
+"""The CUDA backend: every variant against the float64 reference, the EXL3 vectors, the decoders,
+zero-copy arrays (metal_moe's own, torch, cupy), streams, CUDA graphs, determinism and the checks.
+
+Skipped where no CUDA device is usable (CI has none); run on the lent H200 before a CUDA change lands
+(README, "Testing on a GPU").  Outputs are poisoned with NaN before every call.  Tolerances are the
+CPU backend's (tests/native_cases.py): the kernels keep the same fp16 intermediates; fp16
+accumulation on CUDA rounds the MMA's running sum once per 16-row k-slice, as the CPU does.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import metal_moe as mm
+from metal_moe import policy, reference
+
+from conftest import moe_case_path, single_layer_vectors
+from native_cases import HIDDEN, RSF, check, expected, inputs, matrix, seed_of, weights
+
+pytestmark = pytest.mark.skipif("cuda" not in mm.backends(),
+                                reason="no usable CUDA device (or the library was built without the cuda backend)")
+
+BATCHES = [1, 2, 3, 16, 17, 33, 64, 300]
+# benchmarks/cuda_sanitize.sh runs the kernels under compute-sanitizer on a smaller matrix
+SUBSET = os.environ.get("METAL_MOE_CUDA_SUBSET")
+if SUBSET == "memcheck":
+    CASES = matrix(bits_list=[(6, 2, 3)], batches=[3, 33], shared=(True,))
+elif SUBSET == "racecheck":
+    CASES = matrix(codebooks=["mcg"], bits_list=[(6, 2, 3)], batches=[17], shared=(True,))
+else:
+    CASES = matrix(batches=BATCHES)
+
+try:
+    import torch
+
+    HAVE_TORCH = torch.cuda.is_available()
+except ImportError:                       # pragma: no cover - depends on the machine
+    torch = None
+    HAVE_TORCH = False
+
+try:
+    import cupy
+
+    HAVE_CUPY = cupy.cuda.runtime.getDeviceCount() > 0
+except Exception:                         # pragma: no cover - depends on the machine
+    cupy = None
+    HAVE_CUPY = False
+
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch with CUDA is not installed")
+
+_device_weights = {}
+
+
+def device_weights(codebook, bits, shared):
+    key = (codebook, bits, shared)
+    if key not in _device_weights:
+        _device_weights[key] = weights(codebook, bits, shared).to("cuda")
+    return _device_weights[key]
+
+
+def dev(a):
+    return mm.DeviceArray.from_numpy(a)
+
+
+def poisoned(shape, dtype=np.float32):
+    return dev(np.full(shape, np.nan, dtype))
+
+
+def run(variant, codebook, bits, batch, shared, out_dtype=np.float32):
+    x, ids, p = inputs(batch)
+    out = poisoned((batch, HIDDEN), out_dtype)
+    got = mm.fused_moe(dev(x), dev(ids), dev(p), device_weights(codebook, bits, shared), kernel=variant, out=out,
+                       routed_scaling_factor=RSF)
+    assert got is out
+    return out.numpy()
+
+
+@pytest.mark.parametrize("variant,codebook,bits,batch,shared", CASES)
+def test_variant_matches_reference(variant, codebook, bits, batch, shared):
+    check(run(variant, codebook, bits, batch, shared), expected(codebook, bits, shared, batch), variant)
+
+
+def test_every_variant_is_built():
+    assert mm.variants("cuda") == policy.VARIANTS
+
+
+@pytest.mark.parametrize("variant", policy.VARIANTS)
+def test_exl3_moe_vector(variant):
+    """The reference implementation's fused-MoE case (MCG, K 4/2/3, E=8, top-2)."""
+    if not policy.accepts_bits(variant, (4, 2, 3)):
+        pytest.skip(f"{variant} is specialised for other bits than 4/2/3")
+    io = np.load(moe_case_path("io"))
+    parts = [np.load(moe_case_path(p)) for p in ("gate", "up", "down")]
+    w = mm.MoEWeights(*(mm.TrellisWeight(d["trellis"], d["suh"], d["svh"], "mcg") for d in parts))
+    out = poisoned(io["y"].shape)
+    mm.fused_moe(dev(io["x"]), dev(io["selected_experts"]), dev(io["routing_weights"]), w.to("cuda"), kernel=variant,
+                 out=out)
+    y = out.numpy()
+    assert np.abs(y - io["y"]).max() <= 0.02
+    check(y, reference.moe_forward(io["x"], io["selected_experts"], io["routing_weights"], w), variant)
+
+
+def _decode_on_device(trellis, k, n, kx2, codebook):
+    ctx = mm.api._default_context("cuda")
+    t = dev(np.ascontiguousarray(trellis))
+    out = dev(np.full((k, n), 0xFFFF, np.uint16))
+    ctx.decode_pointers(t.ptr, k, n, kx2, codebook, out.ptr)
+    return out.numpy()
+
+
+def test_decoder_is_bit_exact_on_the_vectors():
+    for path in single_layer_vectors():
+        d = np.load(path)
+        k, n = d["W_q"].shape
+        got = _decode_on_device(d["trellis"], k, n, int(2 * d["K"]), str(d["codebook"]))
+        assert np.array_equal(got, d["W_q"].view(np.uint16)), path
+
+
+@pytest.mark.parametrize("codebook", ["3inst", "mcg", "mul1"])
+def test_decoder_covers_every_state(codebook):
+    """K = 8 symbols t, x, t, x+1, ... make all 65536 states occur (as in the CPU test)."""
+    t = np.repeat(np.arange(256), 2)
+    x = np.arange(512)[:, None] % 2 * 128 + np.arange(128)[None, :]
+    symbols = np.empty((512, 256), np.uint32)
+    symbols[:, 0::2] = t[:, None]
+    symbols[:, 1::2] = x
+    w = mm.TrellisWeight.pack(symbols.reshape(16, 32, 256), np.ones(256, np.float16), np.ones(512, np.float16),
+                              codebook, 8)
+    assert len(np.unique(w.states())) == 65536
+    assert np.array_equal(_decode_on_device(w.trellis, 256, 512, 16, codebook), w.decode().view(np.uint16))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 1.5, 2.5, 3.5])
+def test_decoder_every_rate(bits):
+    cb = "mul1" if bits != int(bits) else "mcg"
+    w = mm.TrellisWeight.random(256, 384, bits, cb, rng=np.random.default_rng(seed_of("rate", bits)))
+    assert np.array_equal(_decode_on_device(w.trellis, 256, 384, int(round(2 * bits)), cb), w.decode().view(np.uint16))
+
+
+@pytest.mark.parametrize("x_dtype", ["float16", "float32", "bfloat16"])
+@pytest.mark.parametrize("out_dtype", ["float16", "float32", "bfloat16"])
+def test_activation_dtypes(x_dtype, out_dtype):
+    x, ids, p = inputs(5)
+    w = weights("mcg", (6, 2, 3), True)
+
+    def as_dtype(a, name):
+        if name == "bfloat16":       # uint16 storage: round to nearest even
+            u = a.astype(np.float32).view(np.uint32)
+            return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        return a.astype(name)
+
+    xs = as_dtype(x, x_dtype)
+    x_used = (xs.astype(np.uint32) << 16).view(np.float32) if x_dtype == "bfloat16" else xs
+    ref = reference.moe_forward(x_used, ids, p, w, routed_scaling_factor=RSF)
+    store = np.uint16 if out_dtype == "bfloat16" else out_dtype
+    out = dev(np.full((5, HIDDEN), 0x7FC0 if out_dtype == "bfloat16" else np.nan, store))
+    mm.fused_moe(dev(xs), dev(ids.astype(np.int64)), dev(p.astype(np.float16)), w.to("cuda"), out=out,
+                 routed_scaling_factor=RSF)
+    y = out.numpy()
+    y = (y.astype(np.uint32) << 16).view(np.float32) if out_dtype == "bfloat16" else y.astype(np.float32)
+    # p in float16 and the output rounding add up to one fp16/bf16 rounding each
+    tol = 1e-2 if "bfloat16" in (x_dtype, out_dtype) else 5e-3
+    assert np.all(np.isfinite(y))
+    assert np.abs(y - ref).max() / np.abs(ref).max() <= tol
+
+
+def test_deterministic_across_calls():
+    w = device_weights("3inst", (6, 2, 3), True)
+    x, ids, p = inputs(300)
+    for variant in (policy.LARGE_BATCH, policy.SIMD, policy.GENERAL, policy.PREFILL4):
+        outs = []
+        for _ in range(3):
+            out = poisoned((300, HIDDEN))
+            mm.fused_moe(dev(x), dev(ids), dev(p), w, kernel=variant, out=out)
+            outs.append(out.numpy())
+        assert all(np.array_equal(outs[0], o) for o in outs[1:]), variant
+
+
+def test_invalid_ids_make_nan_rows_and_are_counted():
+    w = device_weights("mcg", (4, 2, 3), False)
+    x, ids, p = inputs(4)
+    ids = ids.copy()
+    ids[2, 1] = 99
+    mm.reset_stats()
+    out = poisoned((4, HIDDEN))
+    mm.fused_moe(dev(x), dev(ids), dev(p), w, out=out)
+    y = out.numpy()
+    assert np.all(np.isnan(y[2])) and np.all(np.isfinite(np.delete(y, 2, axis=0)))
+    assert mm.stats()["cuda_invalid_ids"] == 1
+
+
+def test_fp16_overflow_is_rerun_on_the_device():
+    from test_cpu_backend import _overflowing_weights
+
+    w, x = _overflowing_weights()
+    ids = np.array([[0, 1]] * 4, np.int32)
+    p = np.full((4, 2), 0.5, np.float32)
+    ref = reference.moe_forward(x, ids, p, w)
+    mm.reset_stats()
+    mm.api._warned["cuda_fallback"] = False
+    out = poisoned((4, 256))
+    mm.fused_moe(dev(x), dev(ids), dev(p), w.to("cuda"), kernel=policy.PREFILL4, out=out)
+    with pytest.warns(RuntimeWarning, match="re-run with fp32"):
+        reruns = mm.stats()["cuda_fp32_reruns"]
+    assert reruns > 0
+    check(out.numpy(), ref, policy.PREFILL4 + "_fp32acc")
+
+
+def test_host_and_device_data_are_not_mixed():
+    x, ids, p = inputs(3)
+    host_w = weights("mcg", (4, 2, 3), False)
+    w = device_weights("mcg", (4, 2, 3), False)
+    with pytest.raises(TypeError, match="weights.to\\('cuda'\\)"):
+        mm.fused_moe(dev(x), dev(ids), dev(p), host_w)
+    with pytest.raises(ValueError, match="ids: is a host array"):
+        mm.fused_moe(dev(x), ids, dev(p), w)
+    with pytest.raises(ValueError, match="x: is a host array"):
+        mm.fused_moe(x, dev(ids), dev(p), w)
+    with pytest.raises(ValueError, match="out: is a host array"):
+        mm.fused_moe(dev(x), dev(ids), dev(p), w, out=np.empty((3, HIDDEN), np.float32))
+    with pytest.raises(ValueError, match="backend"):
+        mm.fused_moe(dev(x), dev(ids), dev(p), w, backend="cpu")
+    with pytest.raises(ValueError, match="num_threads"):
+        mm.fused_moe(dev(x), dev(ids), dev(p), w, num_threads=2)
+
+
+def test_c_layer_refuses_host_pointers():
+    """The C checks catch what a caller of the raw entry point could get wrong."""
+    w = device_weights("mcg", (4, 2, 3), False)
+    x, ids, p = inputs(2)
+    ctx = mm.api._default_context("cuda")
+    dx, did, dp, out = dev(x), dev(ids), dev(p), poisoned((2, HIDDEN))
+    with pytest.raises(ValueError, match="ids: is host memory"):
+        ctx.forward_pointers(w.descriptor, (dx.ptr, "float16", 2, HIDDEN), (ids.ctypes.data, "int32", 2, 2),
+                             (dp.ptr, "float32", 2, 2), (out.ptr, "float32", 2, HIDDEN), policy.DECODE)
+    host = weights("mcg", (4, 2, 3), False)
+    desc = list(w.descriptor)
+    desc[3] = (host.gate.trellis.ctypes.data,) + desc[3][1:]
+    with pytest.raises(ValueError, match="weights.gate.trellis: is host memory"):
+        ctx.forward_pointers(tuple(desc), (dx.ptr, "float16", 2, HIDDEN), (did.ptr, "int32", 2, 2),
+                             (dp.ptr, "float32", 2, 2), (out.ptr, "float32", 2, HIDDEN), policy.DECODE)
+
+
+def test_device_weights_round_trip():
+    w = weights("mul1", (2.5, 1.5, 3.5), True)
+    back = w.to("cuda").to("cpu")
+    for a, b in zip(w.projections + w.shared, back.projections + back.shared):
+        assert np.array_equal(a.trellis, b.trellis) and np.array_equal(a.suh, b.suh) and a.codebook == b.codebook
+
+
+# ---- torch: zero-copy, streams, graphs ------------------------------------------------------------
+def _torch_inputs(batch):
+    x, ids, p = inputs(batch)
+    return (torch.from_numpy(x).cuda(), torch.from_numpy(ids).cuda(), torch.from_numpy(p).cuda())
+
+
+@needs_torch
+def test_torch_arrays_zero_copy_and_current_stream():
+    w = device_weights("3inst", (6, 2, 3), True)
+    x, ids, p = _torch_inputs(17)
+    ref = reference.moe_forward(*inputs(17), weights("3inst", (6, 2, 3), True))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        out = torch.full((17, HIDDEN), float("nan"), device="cuda", dtype=torch.float32)
+        got = mm.fused_moe(x, ids, p, w, out=out)
+    side.synchronize()
+    assert got is out
+    check(out.cpu().numpy(), ref, policy.select(17, True, 6, 2, 3).name)
+    # out=None allocates like x, with x's dtype
+    y = mm.fused_moe(x, ids, p, w)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float16 and y.device == x.device
+
+
+@needs_torch
+def test_torch_bfloat16_and_noncontiguous():
+    w = device_weights("3inst", (6, 2, 3), False)
+    x, ids, p = _torch_inputs(8)
+    y = mm.fused_moe(x.to(torch.bfloat16), ids, p, w)
+    assert y.dtype == torch.bfloat16
+    ref = reference.moe_forward(x.to(torch.bfloat16).float().cpu().numpy(), ids.cpu().numpy(), p.cpu().numpy(),
+                                weights("3inst", (6, 2, 3), False))
+    assert np.abs(y.float().cpu().numpy() - ref).max() / np.abs(ref).max() <= 1e-2
+    wide = torch.zeros((8, 2 * HIDDEN), device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="x: must be C-contiguous"):
+        mm.fused_moe(wide[:, ::2], ids, p, w)
+    with pytest.raises(ValueError, match="x: is a torch tensor on cpu|x: is a host array"):
+        mm.fused_moe(x.cpu(), ids, p, w)
+
+
+@needs_torch
+def test_device_weights_from_torch_arrays_without_copy():
+    host = weights("mcg", (4, 2, 3), True)
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+    triples = [(t(w.trellis), t(w.suh), t(w.svh)) for w in host.projections]
+    shared = [(t(w.trellis), t(w.suh), t(w.svh)) for w in host.shared]
+    dw = mm.DeviceWeights.from_arrays(*triples, codebook="mcg", shared=shared)
+    assert dw.descriptor[3][0] == triples[0][0].data_ptr()          # the caller's memory, not a copy
+    assert dw.bits == (4, 2, 3)
+    x, ids, p = _torch_inputs(5)
+    y = mm.fused_moe(x, ids, p, dw, out=torch.full((5, HIDDEN), float("nan"), device="cuda"))
+    check(y.cpu().numpy(), reference.moe_forward(*inputs(5), host), policy.select(5, False, 4, 2, 3).name)
+    with pytest.raises(TypeError, match="gate.suh: dtype float32"):
+        mm.DeviceWeights.from_arrays((triples[0][0], triples[0][1].float(), triples[0][2]), *triples[1:])
+
+
+@needs_torch
+@pytest.mark.parametrize("batch", [1, 33])
+def test_cuda_graph_capture_and_replay(batch):
+    w = device_weights("3inst", (6, 2, 3), True)
+    x, ids, p = _torch_inputs(batch)
+    out = torch.full((batch, HIDDEN), float("nan"), device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mm.fused_moe(x, ids, p, w, out=out)                 # sizes the workspace (warm-up)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mm.fused_moe(x, ids, p, w, out=out)
+    for seed in range(3):                                  # new inputs in the captured buffers
+        xs, idss, ps = inputs(batch, seed=seed + 1)
+        x.copy_(torch.from_numpy(xs))
+        ids.copy_(torch.from_numpy(idss))
+        p.copy_(torch.from_numpy(ps))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.moe_forward(xs, idss, ps, weights("3inst", (6, 2, 3), True))
+        check(out.cpu().numpy(), ref, policy.select(batch, True, 6, 2, 3).name)
+
+
+@needs_torch
+def test_capture_refuses_to_grow_the_workspace():
+    w = device_weights("mcg", (4, 2, 3), False)
+    ctx = mm.Context("cuda")                                 # a fresh context: no workspace yet
+    x, ids, p = _torch_inputs(16)
+    out = torch.empty((16, HIDDEN), device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(mm._native.UnsupportedError, match="before capturing"):
+        with torch.cuda.graph(graph):
+            mm.fused_moe(x, ids, p, w, out=out, context=ctx)
+
+
+@needs_torch
+def test_explicit_stream_argument():
+    w = device_weights("mcg", (4, 2, 3), False)
+    x, ids, p = _torch_inputs(3)
+    s = torch.cuda.Stream()
+    out = torch.full((3, HIDDEN), float("nan"), device="cuda")
+    mm.fused_moe(x, ids, p, w, out=out, stream=s)
+    s.synchronize()
+    check(out.cpu().numpy(), reference.moe_forward(*inputs(3), weights("mcg", (4, 2, 3), False)),
+          policy.select(3, False, 4, 2, 3).name)
+    with pytest.raises(TypeError, match="stream"):
+        mm.fused_moe(x, ids, p, w, out=out, stream="fast")
+
+
+@pytest.mark.skipif(not HAVE_CUPY, reason="cupy is not installed")
+def test_cupy_arrays_zero_copy():
+    w = device_weights("mul1", (2.5, 1.5, 3.5), True)
+    x, ids, p = inputs(16)
+    out = cupy.full((16, HIDDEN), cupy.nan, dtype=cupy.float32)
+    mm.fused_moe(cupy.asarray(x), cupy.asarray(ids), cupy.asarray(p), w, out=out)
+    cupy.cuda.get_current_stream().synchronize()
+    check(cupy.asnumpy(out), reference.moe_forward(x, ids, p, weights("mul1", (2.5, 1.5, 3.5), True)),
+          policy.select(16, False, 2.5, 1.5, 3.5).name)

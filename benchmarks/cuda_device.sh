@@ -27,6 +27,8 @@ for step in "$@"; do
     bench)    for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,4,8,16,32,64,128,512,4096 \
                   --json "$OUT/bench_$p.json" 2>&1 | tee -a "$OUT/bench.txt"
+                python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 64,512,4096 --no-baseline \
+                  --variants moe_trellis_swiglu_large_batch,moe_trellis_swiglu_simd 2>&1 | tee -a "$OUT/bench.txt"
               done ;;
     benchall) for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --variants all --repeats 10 \

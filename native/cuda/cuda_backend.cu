@@ -11,6 +11,9 @@
  */
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <vector>

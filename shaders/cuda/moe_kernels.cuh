@@ -491,6 +491,7 @@ __global__ void __launch_bounds__(C::THREADS) mm_gate_up(const mm_cuda_args a)
     const mm_cuda_proj *proj[2] = {&a.proj[shared][0], &a.proj[shared][1]};
     const int H = a.hidden, I = a.intermediate, col0 = blockIdx.y * COLS;
     const int64_t ex = shared ? 0 : expert;
+    expert = static_cast<int>(ex);                       /* the shared expert's arrays hold one expert */
     const bool ct = (C::KG == 0 || proj[0]->kx2 == C::KG) && (C::KU == 0 || proj[1]->kx2 == C::KU);
     if constexpr (C::KG || C::KU) {
         if (ct) gemm<C, 2, C::KG, C::KU>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
@@ -539,6 +540,7 @@ __global__ void __launch_bounds__(C::THREADS) mm_down(const mm_cuda_args a)
     const int shared = expert == a.experts;
     const mm_cuda_proj *proj[1] = {&a.proj[shared][2]};
     const int H = a.hidden, I = a.intermediate, col0 = blockIdx.y * COLS;
+    if (shared) expert = 0;                              /* the shared expert's arrays hold one expert */
     if constexpr (C::KD != 0) {
         if (proj[0]->kx2 == C::KD) gemm<C, 1, C::KD, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
         else gemm<C, 1, 0, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
@@ -546,7 +548,7 @@ __global__ void __launch_bounds__(C::THREADS) mm_down(const mm_cuda_args a)
         gemm<C, 1, 0, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, cl = 4 * lane;
-    const uint16_t *svh = proj[0]->svh + (shared ? 0 : static_cast<int64_t>(expert)) * H + col0;
+    const uint16_t *svh = proj[0]->svh + static_cast<int64_t>(expert) * H + col0;
     for (int t = warp; t < count; t += C::THREADS / 32) {
         float v[4];
 #pragma unroll

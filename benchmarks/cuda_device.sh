@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
-# Steps (any subset, run in the order given): quick, tests, smoke, sanitize, bench, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given): quick, tests, smoke, sanitize, profile, bench, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -24,6 +24,10 @@ for step in "$@"; do
               grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize.log" | tee -a "$OUT/summary.txt" ;;
     smoke)    python3 -m metal_moe bench --backend cuda --preset glm-4.7-flash --quiet --batch 1,16,512,4096 \
                 --variants policy --repeats 10 --json "$OUT/smoke.json" 2>&1 | tee -a "$OUT/summary.txt" ;;
+    profile)  ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+                --section LaunchStats -k regex:mm_ --launch-skip 4 --launch-count 8 \
+                python3 "$REPO/benchmarks/cuda_profile.py" > "$OUT/profile.txt" 2>&1
+              grep -E "mm_|Duration|Throughput|Achieved Occupancy|Registers|Stall|Issued|Theoretical Occ" "$OUT/profile.txt" | head -80 ;;
     bench)    for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,4,8,16,32,64,128,512,4096 \
                   --json "$OUT/bench_$p.json" 2>&1 | tee -a "$OUT/bench.txt"

@@ -69,7 +69,7 @@ def _time_graph(torch, fn, repeats, warmup=3):
 
 def copy_bandwidth(torch, nbytes=2 << 30, repeats=10):
     """Device-to-device copy bandwidth (bytes read + written per second), median of `repeats`."""
-    a = torch.empty(nbytes // 2, dtype=torch.int16, device="cuda").random_()
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
     b = torch.empty_like(a)
     times = _time_graph(torch, lambda: b.copy_(a), repeats)
     del a, b

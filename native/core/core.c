@@ -120,9 +120,13 @@ mm_status mm_context_create(mm_backend backend, int device, const mm_context_opt
         return mm_fail(MM_ERR_INVALID_VALUE, "backend: unknown backend %d", (int)backend);
     if (!mm_backend_built(backend))
         return mm_fail(MM_ERR_UNSUPPORTED, "backend: '%s' is not built into this library", mm_backend_name(backend));
-    if (device < 0 || device >= mm_backend_device_count(backend))
+    const int devices = mm_backend_device_count(backend);
+    if (devices == 0)
+        return mm_fail(MM_ERR_UNSUPPORTED, "backend: '%s' is built, but no device of it is usable on this machine%s",
+                       mm_backend_name(backend), backend == MM_BACKEND_CUDA ? " (no GPU, or no driver)" : "");
+    if (device < 0 || device >= devices)
         return mm_fail(MM_ERR_INVALID_VALUE, "device: %d is not a device of backend '%s' (it has %d)", device,
-                       mm_backend_name(backend), mm_backend_device_count(backend));
+                       mm_backend_name(backend), devices);
     mm_context_options defaults;
     mm_context_options_init(&defaults);
     if (!options) options = &defaults;

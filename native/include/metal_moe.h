@@ -107,7 +107,8 @@ MM_API void mm_context_destroy(mm_context *ctx);              /* NULL is a no-op
 MM_API mm_backend mm_context_backend(const mm_context *ctx);
 /* Worker threads of the context (CPU), 0 for GPU contexts. */
 MM_API int mm_context_num_threads(const mm_context *ctx);
-/* A short description of the machine code the context runs: CPU "avx2+fma+f16c" or "scalar". */
+/* A short description of the machine code the context runs: CPU "avx2+fma+f16c" or "scalar";
+ * CUDA "sm_90 (NVIDIA H200, 132 SMs)". */
 MM_API const char *mm_context_simd(const mm_context *ctx);
 
 /* Counters kept by a device context since it was created: fp16-accumulating tiles re-run with
@@ -215,7 +216,17 @@ MM_API void mm_forward_options_init(mm_forward_options *options);
  *   p    [M, top_k]    MM_F32, MM_F16 or MM_BF16, finite
  *   out  [M, hidden]   any of x's dtypes; must not overlap x, ids or p
  * M may be 0.  Per token, the routed contributions are summed in slot order j = 0..top_k-1 in
- * fp32, so results do not depend on threads or scheduling. */
+ * fp32, so results do not depend on threads or scheduling.
+ *
+ * CUDA contexts: every pointer (x, ids, p, out and the weights) is device memory of the context's
+ * device, checked with cudaPointerGetAttributes.  The call queues four kernels on
+ * options->stream and returns without waiting for them; it allocates nothing once the context's
+ * workspace has grown to the largest call seen (a call needing more allocates it, except during
+ * stream capture, where it fails with MM_ERR_UNSUPPORTED: make one call of that size first).
+ * The host cannot read ids or p there, so the kernels check the ids: an id outside [0, experts)
+ * makes its token's row NaN and is counted (mm_context_counters); p is not checked.  Calls on one
+ * context must not run concurrently on different streams (use one context per stream); a call on
+ * another stream than the previous one waits for it on the device. */
 MM_API mm_status mm_moe_forward(mm_context *ctx, const mm_weights *weights, const mm_tensor *x,
                                 const mm_tensor *ids, const mm_tensor *p, const mm_tensor *out,
                                 const mm_forward_options *options);

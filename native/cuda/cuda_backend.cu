@@ -43,7 +43,12 @@ struct Launcher {
     void (*down)(const mm_cuda_args);
     size_t smem_gate_up, smem_down;
     int threads, tokens;
+    int step_tiles;                         /* k-tiles per CTA step: split K in whole steps */
+    bool splittable;                        /* fp32 accumulation: K may be split across CTAs */
 };
+
+constexpr int MAX_SPLIT = 4;                /* K splits per output block */
+constexpr int MAX_SPLIT_ITEMS = 4096;       /* (tile, column block) items that may be split */
 
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                            \
     using Cfg_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
@@ -54,7 +59,7 @@ struct Launcher {
 const Launcher launchers[MM_VARIANT_COUNT] = {
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                             \
     {mm::mm_gate_up<Cfg_##ID>, mm::mm_down<Cfg_##ID>, Cfg_##ID::smem_bytes(2), Cfg_##ID::smem_bytes(1), Cfg_##ID::THREADS, \
-     Cfg_##ID::T},
+     Cfg_##ID::T, Cfg_##ID::WK * Cfg_##ID::U, Cfg_##ID::F32},
 #include "variants.def"
 #undef MM_VARIANT
 };
@@ -67,12 +72,14 @@ struct Buffer {
 struct CudaContext {
     int device = 0;
     cudaDeviceProp props{};
-    char simd[160] = "";
+    char simd[320] = "";
     std::mutex lock;
     Buffer workspace;                       /* the current one */
     std::vector<Buffer> retired;            /* outgrown, kept alive for captured graphs */
     unsigned long long *counters = nullptr; /* device: [0] fp32 re-runs, [1] invalid ids */
     cudaEvent_t last_done = nullptr;
+    int32_t *tickets = nullptr;             /* split K: MAX_SPLIT_ITEMS counters, zero between calls */
+    int blocks_per_sm[MM_VARIANT_COUNT][2] = {};
     cudaStream_t last_stream = nullptr;
     bool has_last = false;
 };
@@ -110,6 +117,7 @@ void cuda_destroy(mm_context *ctx)
         cudaFree(c->workspace.ptr);
         for (Buffer &b : c->retired) cudaFree(b.ptr);
         cudaFree(c->counters);
+        cudaFree(c->tickets);
         if (c->last_done) cudaEventDestroy(c->last_done);
     }
     delete c;
@@ -158,6 +166,21 @@ mm_status check_projection_pointers(const mm_projection *p, int device, const ch
 
 size_t align_up(size_t n) { return (n + 255) & ~static_cast<size_t>(255); }
 
+/* How many CTAs share the K loop of each output block: none while `items` (tiles x column blocks)
+ * fill the GPU; otherwise the split count in 2..MAX_SPLIT that minimises waves / splits. */
+int choose_splits(const Launcher &L, int64_t items, int ktiles, int capacity)
+{
+    if (!L.splittable || items >= capacity || items > MAX_SPLIT_ITEMS) return 1;
+    const int steps = ktiles / L.step_tiles;
+    int best = 1;
+    double best_cost = static_cast<double>((items + capacity - 1) / capacity);
+    for (int s = 2; s <= MAX_SPLIT && s <= steps; ++s) {
+        const double cost = static_cast<double>((items * s + capacity - 1) / capacity) / s;
+        if (cost < best_cost - 1e-9) best = s, best_cost = cost;
+    }
+    return best;
+}
+
 mm_cuda_proj view(const mm_projection &p, int in, int out)
 {
     mm_cuda_proj v;
@@ -201,6 +224,12 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
                        "is indexed with 32-bit offsets); split the batch", (long long)call->tokens,
                        (int)(slots / call->tokens));
     const int64_t max_tiles = std::min<int64_t>(slots, slots / L.tokens + std::min<int64_t>(nexp, slots));
+    const int sms = c->props.multiProcessorCount;
+    const int split_gu = choose_splits(L, max_tiles * (I / mm::COLS), H / 16, sms * c->blocks_per_sm[call->variant_id][0]);
+    const int split_dn = choose_splits(L, max_tiles * (H / mm::COLS), I / 16, sms * c->blocks_per_sm[call->variant_id][1]);
+    const size_t partial_floats = std::max<size_t>(
+        split_gu > 1 ? 2ull * max_tiles * (I / mm::COLS) * split_gu * L.tokens * mm::COLS : 0,
+        split_dn > 1 ? 1ull * max_tiles * (H / mm::COLS) * split_dn * L.tokens * mm::COLS : 0);
 
     /* workspace layout */
     const size_t off_xin = 0;
@@ -209,7 +238,8 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const size_t off_order = off_down + align_up(1ull * slots * H * 4);
     const size_t off_tiles = off_order + align_up(1ull * slots * 4);
     const size_t off_ntiles = off_tiles + align_up(1ull * max_tiles * sizeof(mm_cuda_tile));
-    const size_t need = off_ntiles + 256;
+    const size_t off_partial = off_ntiles + 256;
+    const size_t need = off_partial + align_up(partial_floats * 4);
 
     cudaStream_t stream = static_cast<cudaStream_t>(call->stream);
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -278,13 +308,15 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     a.order = reinterpret_cast<int32_t *>(ws + off_order);
     a.tiles = reinterpret_cast<mm_cuda_tile *>(ws + off_tiles);
     a.ntiles = reinterpret_cast<int32_t *>(ws + off_ntiles);
+    a.partial = reinterpret_cast<float *>(ws + off_partial);
+    a.tickets = c->tickets;
     a.counters = c->counters;
 
     mm::mm_prep<<<static_cast<unsigned>(1 + slots), mm::PREP_THREADS, 0, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_prep");
-    L.gate_up<<<dim3(static_cast<unsigned>(max_tiles), I / mm::COLS), L.threads, L.smem_gate_up, stream>>>(a);
+    L.gate_up<<<dim3(static_cast<unsigned>(max_tiles), I / mm::COLS, split_gu), L.threads, L.smem_gate_up, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_gate_up");
-    L.down<<<dim3(static_cast<unsigned>(max_tiles), H / mm::COLS), L.threads, L.smem_down, stream>>>(a);
+    L.down<<<dim3(static_cast<unsigned>(max_tiles), H / mm::COLS, split_dn), L.threads, L.smem_down, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_down");
     const unsigned hblocks = static_cast<unsigned>((H / 4 + mm::COMBINE_THREADS - 1) / mm::COMBINE_THREADS);
     mm::mm_combine<<<dim3(static_cast<unsigned>(call->tokens), hblocks), mm::COMBINE_THREADS, 0, stream>>>(a);
@@ -397,7 +429,9 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
              c->props.multiProcessorCount);
     if ((err = cudaMalloc(&c->counters, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaMemset(c->counters, 0, 2 * sizeof(unsigned long long))) != cudaSuccess ||
-        (err = cudaEventCreateWithFlags(&c->last_done, cudaEventDisableTiming)) != cudaSuccess) {
+        (err = cudaEventCreateWithFlags(&c->last_done, cudaEventDisableTiming)) != cudaSuccess ||
+        (err = cudaMalloc(&c->tickets, MAX_SPLIT_ITEMS * sizeof(int32_t))) != cudaSuccess ||
+        (err = cudaMemset(c->tickets, 0, MAX_SPLIT_ITEMS * sizeof(int32_t))) != cudaSuccess) {
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }
@@ -409,6 +443,16 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
                                         static_cast<int>(L.smem_down))) != cudaSuccess) {
             cuda_destroy(ctx);
             return cuda_fail(err, "setting the kernels' shared-memory limits");
+        }
+        for (int k = 0; k < 2; ++k) {
+            int n = 0;
+            err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k ? L.down : L.gate_up, L.threads,
+                                                                k ? L.smem_down : L.smem_gate_up);
+            if (err != cudaSuccess) {
+                cuda_destroy(ctx);
+                return cuda_fail(err, "reading the kernels' occupancy");
+            }
+            c->blocks_per_sm[v][k] = n > 0 ? n : 1;
         }
     }
     return MM_OK;

@@ -42,6 +42,8 @@ typedef struct mm_cuda_args {
     int32_t *order;                 /* [slots] slots grouped by expert */
     mm_cuda_tile *tiles;            /* [max_tiles] */
     int32_t *ntiles;                /* [1] */
+    float *partial;                 /* split K: [max_tiles * column blocks * splits][mat][T][128] */
+    int32_t *tickets;               /* split K: [max_tiles * column blocks], zero between calls */
     unsigned long long *counters;   /* per context: [0] tiles re-run in fp32, [1] invalid expert ids */
 } mm_cuda_args;
 

@@ -27,7 +27,9 @@
  *   weights as B ("std", many tokens): mma(A = x (m = 16 tokens, k = 16), B = W (k = 16, n = 8
  *       columns)) twice per tile: tokens pad to 16.  The format's native orientation.
  * Inputs are staged per K chunk in shared memory with cp.async (double-buffered); weight words are
- * prefetched one step ahead in registers.  Accumulation: fp32 MMA accumulators, or fp16 ones (the
+ * prefetched one step ahead in registers.  When tiles x column blocks would leave SMs idle (small
+ * batches), K is split across CTAs (gridDim.z) and the last CTA of each output block adds the
+ * partial sums in a fixed order (reduce_splits).  Accumulation: fp32 MMA accumulators, or fp16 ones (the
  * running sum rounded after every 16-row k-slice).  An fp16-accumulating tile whose sums are not
  * finite is re-run in the same launch with fp32 accumulators for the slots that overflowed (per
  * slot, so the result never depends on which slots share a tile), and counted.
@@ -200,13 +202,19 @@ template <int KX2>
 __device__ __forceinline__ void decode_lane(uint32_t w0, uint32_t w1, uint32_t w2, int b, int kx2, const Codebook &c,
                                             uint32_t out[4])
 {
-    const uint32_t A0 = __funnelshift_l(w1, w0, b), A1 = __funnelshift_l(w2, w1, b), A2 = w2 << b;
+    const uint32_t A0 = __funnelshift_l(w1, w0, b), A1 = __funnelshift_l(w2, w1, b);
     uint32_t s[8];
+    if (KX2 ? KX2 <= 8 : kx2 <= 8) {             /* K <= 4: every window starts in A0 (offsets <= 28) */
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int d = lane_offset(KX2 ? KX2 : kx2, j);
-        const uint32_t hi = d < 32 ? A0 : A1, lo = d < 32 ? A1 : A2;
-        s[j] = __funnelshift_l(lo, hi, d) >> 16;
+        for (int j = 0; j < 8; ++j) s[j] = __funnelshift_l(A1, A0, lane_offset(KX2 ? KX2 : kx2, j)) >> 16;
+    } else {
+        const uint32_t A2 = w2 << b;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int d = lane_offset(KX2 ? KX2 : kx2, j);
+            const uint32_t hi = d < 32 ? A0 : A1, lo = d < 32 ? A1 : A2;
+            s[j] = __funnelshift_l(lo, hi, d) >> 16;
+        }
     }
     decode_pairs(s, c, out);
 }
@@ -296,12 +304,16 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         for (int i = 0; i < (F32 ? 1 : NACC / 2); ++i) acch[m][i] = 0u;
     }
 
-    const int ktiles = kdim / 16;
-    const int nchunks = (kdim + KC - 1) / KC;
+    /* this CTA's share of K: split blockIdx.z of gridDim.z, in whole steps */
     constexpr int STEP_TILES = WK * U;                           /* k-tiles per CTA step */
+    const int steps_total = kdim / 16 / STEP_TILES;
+    const int s0 = static_cast<int>(blockIdx.z) * steps_total / static_cast<int>(gridDim.z);
+    const int s1 = (static_cast<int>(blockIdx.z) + 1) * steps_total / static_cast<int>(gridDim.z);
+    const int kbeg = s0 * STEP_TILES * 16, kend = s1 * STEP_TILES * 16;
+    const int nchunks = (kend - kbeg + KC - 1) / KC;
 
     auto stage = [&](int chunk) {
-        const int k0 = chunk * KC, kc = min(KC, kdim - k0);
+        const int k0 = kbeg + chunk * KC, kc = min(KC, kend - k0);
         uint16_t *dst = xs + (chunk & 1) * NMAT * T * XS;
         const int vec_per_row = kc / 8;
         const int total = NMAT * count * vec_per_row;          /* rows past count are never read */
@@ -318,7 +330,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         for (int m = 0; m < NMAT; ++m) {
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                const int kt = step * STEP_TILES + u * WK + kg;
+                const int kt = (s0 + step) * STEP_TILES + u * WK + kg;
                 const uint32_t *t = wp[m] + kt * kstride[m > 0 ? 1 : 0];
                 w[m][u][0] = __ldg(t + lw[m].q0);
                 w[m][u][1] = __ldg(t + lw[m].q1);
@@ -330,7 +342,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
     auto compute_step = [&](const uint32_t (&w)[NMAT][U][3], int step, const uint16_t *xchunk, int k0chunk) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int kt = step * STEP_TILES + u * WK + kg;
+            const int kt = (s0 + step) * STEP_TILES + u * WK + kg;
             const int kl = kt * 16 - k0chunk;                    /* column inside the chunk */
 #pragma unroll
             for (int m = 0; m < NMAT; ++m) {
@@ -366,7 +378,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
     };
 
     /* steps: each covers STEP_TILES k-tiles; chunks hold whole steps */
-    const int nsteps = ktiles / STEP_TILES;
+    const int nsteps = s1 - s0;
     constexpr int STEPS_PER_CHUNK = KC / 16 / STEP_TILES;
     uint32_t wa[NMAT][U][3], wb[NMAT][U][3];
     stage(0);
@@ -384,7 +396,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
             __syncthreads();
         }
         if (step + 1 < nsteps) load_step(wb, step + 1);
-        compute_step(wa, step, xs + (chunk & 1) * NMAT * T * XS, chunk * KC);
+        compute_step(wa, step, xs + (chunk & 1) * NMAT * T * XS, kbeg + chunk * KC);
 #pragma unroll
         for (int m = 0; m < NMAT; ++m)
 #pragma unroll
@@ -426,10 +438,52 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
     }
 }
 
-/* Runs the main loop and, for fp16 accumulation, the fp32 re-run of the slots that overflowed.
- * Returns with ep filled and the CTA synchronised. */
+/* Split K (gridDim.z > 1, fp32 accumulation only): every CTA of a (tile, column block) writes its
+ * partial sums to the workspace; the last one to arrive (an atomic ticket) adds them in split
+ * order into ep, so the result does not depend on which CTA finished first, and resets the
+ * ticket for the next call.  Returns false for the CTAs that are done. */
+template <class C, int NMAT>
+__device__ __forceinline__ bool reduce_splits(const mm_cuda_args &a, int count, char *smem)
+{
+    const int splits = static_cast<int>(gridDim.z);
+    if (splits == 1) return true;
+    __shared__ int last;
+    float *ep = reinterpret_cast<float *>(smem);
+    const int64_t item = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+    constexpr int ROW = NMAT * C::T * COLS;                      /* floats of one split's partial */
+    float *mine = a.partial + (item * splits + blockIdx.z) * ROW;
+    for (int i = threadIdx.x; i < NMAT * count * COLS; i += C::THREADS) {
+        const int col = i % COLS, t = (i / COLS) % count, m = i / (COLS * count);
+        float v = 0.0f;
+#pragma unroll
+        for (int k = 0; k < C::WK; ++k) v += ep[((k * NMAT + m) * C::T + t) * EP_STRIDE + col];
+        mine[(m * C::T + t) * COLS + col] = v;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&a.tickets[item], 1) == splits - 1;
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+    const float *all = a.partial + item * splits * ROW;
+    for (int i = threadIdx.x; i < NMAT * count * COLS; i += C::THREADS) {
+        const int col = i % COLS, t = (i / COLS) % count, m = i / (COLS * count);
+        float v = 0.0f;
+        for (int z = 0; z < splits; ++z) v += __ldcg(all + z * ROW + (m * C::T + t) * COLS + col);
+        ep[((0 * NMAT + m) * C::T + t) * EP_STRIDE + col] = v;
+#pragma unroll
+        for (int k = 1; k < C::WK; ++k) ep[((k * NMAT + m) * C::T + t) * EP_STRIDE + col] = 0.0f;
+    }
+    if (threadIdx.x == 0) a.tickets[item] = 0;
+    __syncthreads();
+    return true;
+}
+
+/* Runs the main loop and, for fp16 accumulation, the fp32 re-run of the slots that overflowed;
+ * with split K, the reduction.  Returns true (ep filled, the CTA synchronised) for the CTA that
+ * runs the epilogue. */
 template <class C, int NMAT, int KX2A, int KX2B>
-__device__ __forceinline__ void gemm(const mm_cuda_args &a, const mm_cuda_proj *const proj[NMAT], int expert,
+__device__ __forceinline__ bool gemm(const mm_cuda_args &a, const mm_cuda_proj *const proj[NMAT], int expert,
                                      const uint16_t *xbase, int64_t mat_stride, int kdim, int ncols, int col0,
                                      const int *slot_s, int count, char *smem, int *bad)
 {
@@ -444,6 +498,8 @@ __device__ __forceinline__ void gemm(const mm_cuda_args &a, const mm_cuda_proj *
         }
     }
     __syncthreads();
+    if constexpr (C::F32) return reduce_splits<C, NMAT>(a, count, smem);
+    return true;
 }
 
 /* Epilogue input: the sum over k-groups of row `t`, column `col` of projection m; fp32 rows where
@@ -493,12 +549,14 @@ __global__ void __launch_bounds__(C::THREADS) mm_gate_up(const mm_cuda_args a)
     const int64_t ex = shared ? 0 : expert;
     expert = static_cast<int>(ex);                       /* the shared expert's arrays hold one expert */
     const bool ct = (C::KG == 0 || proj[0]->kx2 == C::KG) && (C::KU == 0 || proj[1]->kx2 == C::KU);
+    bool epilogue;
     if constexpr (C::KG || C::KU) {
-        if (ct) gemm<C, 2, C::KG, C::KU>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
-        else gemm<C, 2, 0, 0>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
+        if (ct) epilogue = gemm<C, 2, C::KG, C::KU>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
+        else epilogue = gemm<C, 2, 0, 0>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
     } else {
-        gemm<C, 2, 0, 0>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
+        epilogue = gemm<C, 2, 0, 0>(a, proj, expert, a.xin, a.slots * H, H, I, col0, slot_s, count, smem, bad);
     }
+    if (!epilogue) return;
     /* epilogue, one warp per slot: Hadamard, * svh, SwiGLU, * suh_down, Hadamard */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int cl = 4 * lane;
@@ -541,12 +599,14 @@ __global__ void __launch_bounds__(C::THREADS) mm_down(const mm_cuda_args a)
     const mm_cuda_proj *proj[1] = {&a.proj[shared][2]};
     const int H = a.hidden, I = a.intermediate, col0 = blockIdx.y * COLS;
     if (shared) expert = 0;                              /* the shared expert's arrays hold one expert */
+    bool epilogue;
     if constexpr (C::KD != 0) {
-        if (proj[0]->kx2 == C::KD) gemm<C, 1, C::KD, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
-        else gemm<C, 1, 0, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
+        if (proj[0]->kx2 == C::KD) epilogue = gemm<C, 1, C::KD, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
+        else epilogue = gemm<C, 1, 0, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
     } else {
-        gemm<C, 1, 0, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
+        epilogue = gemm<C, 1, 0, 0>(a, proj, expert, a.act, 0, I, H, col0, slot_s, count, smem, bad);
     }
+    if (!epilogue) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, cl = 4 * lane;
     const uint16_t *svh = proj[0]->svh + static_cast<int64_t>(expert) * H + col0;
     for (int t = warp; t < count; t += C::THREADS / 32) {

@@ -93,6 +93,9 @@ int mm_backend_built(mm_backend backend)
 #if defined(MM_HAVE_CUDA)
     if (backend == MM_BACKEND_CUDA) return 1;
 #endif
+#if defined(MM_HAVE_METAL)
+    if (backend == MM_BACKEND_METAL) return 1;
+#endif
     return backend == MM_BACKEND_CPU;
 }
 
@@ -100,6 +103,9 @@ int mm_backend_device_count(mm_backend backend)
 {
 #if defined(MM_HAVE_CUDA)
     if (backend == MM_BACKEND_CUDA) return mm_cuda_device_count();
+#endif
+#if defined(MM_HAVE_METAL)
+    if (backend == MM_BACKEND_METAL) return mm_metal_device_count();
 #endif
     return backend == MM_BACKEND_CPU ? 1 : 0;
 }
@@ -123,7 +129,9 @@ mm_status mm_context_create(mm_backend backend, int device, const mm_context_opt
     const int devices = mm_backend_device_count(backend);
     if (devices == 0)
         return mm_fail(MM_ERR_UNSUPPORTED, "backend: '%s' is built, but no device of it is usable on this machine%s",
-                       mm_backend_name(backend), backend == MM_BACKEND_CUDA ? " (no GPU, or no driver)" : "");
+                       mm_backend_name(backend), backend == MM_BACKEND_CUDA    ? " (no GPU, or no driver)"
+                       : backend == MM_BACKEND_METAL ? " (no Metal device)"
+                                                     : "");
     if (device < 0 || device >= devices)
         return mm_fail(MM_ERR_INVALID_VALUE, "device: %d is not a device of backend '%s' (it has %d)", device,
                        mm_backend_name(backend), devices);
@@ -144,6 +152,9 @@ mm_status mm_context_create(mm_backend backend, int device, const mm_context_opt
     if (backend == MM_BACKEND_CPU) s = mm_cpu_context_init(ctx, options);
 #if defined(MM_HAVE_CUDA)
     if (backend == MM_BACKEND_CUDA) s = mm_cuda_context_init(ctx, options);
+#endif
+#if defined(MM_HAVE_METAL)
+    if (backend == MM_BACKEND_METAL) s = mm_metal_context_init(ctx, options);
 #endif
     if (s != MM_OK) {
         free(ctx);
@@ -259,7 +270,7 @@ mm_status mm_variant_describe(const char *name, mm_variant_info *info)
 int mm_backend_has_variant(mm_backend backend, const char *name)
 {
     int id = mm_find_variant(name);
-    return id >= 0 && mm_backend_built(backend) && backend != MM_BACKEND_METAL;
+    return id >= 0 && mm_backend_built(backend);
 }
 
 void mm_forward_options_init(mm_forward_options *options)
@@ -405,10 +416,10 @@ mm_status mm_moe_forward(mm_context *ctx, const mm_weights *weights, const mm_te
     if (mm_overlap(out, x)) return mm_fail(MM_ERR_INVALID_VALUE, "out: overlaps x (in-place operation is not supported)");
     if (mm_overlap(out, ids)) return mm_fail(MM_ERR_INVALID_VALUE, "out: overlaps ids");
     if (mm_overlap(out, p)) return mm_fail(MM_ERR_INVALID_VALUE, "out: overlaps p");
-    /* Host backends check every id and weight here; device backends cannot read device memory
+    /* Host-memory backends (cpu, metal) check every id and weight here; CUDA cannot read device memory
      * without synchronising, so their kernels check the ids (an invalid one makes its token's row
      * NaN and is counted, see mm_context_counters). */
-    int64_t n = ctx->backend == MM_BACKEND_CPU ? ids->rows * ids->cols : 0;
+    int64_t n = ctx->backend != MM_BACKEND_CUDA ? ids->rows * ids->cols : 0;   /* cpu, metal: host memory */
     for (int64_t i = 0; i < n; ++i) {
         int64_t e = ids->dtype == MM_I32 ? ((const int32_t *)ids->data)[i] : ((const int64_t *)ids->data)[i];
         if (e < 0 || e >= weights->experts)

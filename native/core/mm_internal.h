@@ -78,6 +78,10 @@ mm_status mm_cpu_context_init(mm_context *ctx, const mm_context_options *options
 mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_options *options);
 int mm_cuda_device_count(void);
 #endif
+#if defined(MM_HAVE_METAL)
+mm_status mm_metal_context_init(mm_context *ctx, const mm_context_options *options);
+int mm_metal_device_count(void);
+#endif
 
 /* Element size of a dtype in bytes. */
 size_t mm_dtype_size(mm_dtype dtype);

@@ -440,6 +440,108 @@ mm_status mm_moe_forward(mm_context *ctx, const mm_weights *weights, const mm_te
     return ctx->ops->forward(ctx, &call);
 }
 
+/* ---- routing (host memory; matches metal_moe.reference.route) ---------------------------------- */
+void mm_route_options_init(mm_route_options *options)
+{
+    if (!options) return;
+    memset(options, 0, sizeof *options);
+    options->struct_size = sizeof *options;
+    options->top_k = 1;
+    options->renormalize = 1;
+}
+
+static mm_status mm_route_host(const mm_tensor *logits, const mm_route_options *o, const mm_tensor *ids,
+                               const mm_tensor *p)
+{
+    const int64_t E = logits->cols;
+    const int k = o->top_k;
+    double *scores = malloc(sizeof(double) * (size_t)E);
+    int32_t *pick = malloc(sizeof(int32_t) * (size_t)k);
+    if (!scores || !pick) {
+        free(scores), free(pick);
+        return mm_fail(MM_ERR_OUT_OF_MEMORY, "route: out of memory");
+    }
+    for (int64_t t = 0; t < logits->rows; ++t) {
+        double top = -INFINITY, sum = 0.0;
+        for (int64_t e = 0; e < E; ++e) {
+            scores[e] = mm_load_float(logits->data, logits->dtype, t * E + e);
+            if (!isfinite(scores[e])) {
+                free(scores), free(pick);
+                return mm_fail(MM_ERR_INVALID_VALUE, "logits: token %lld, expert %lld is not finite", (long long)t,
+                               (long long)e);
+            }
+            if (scores[e] > top) top = scores[e];
+        }
+        for (int64_t e = 0; e < E; ++e) {
+            scores[e] = o->scoring == MM_SCORING_SOFTMAX ? exp(scores[e] - top) : 1.0 / (1.0 + exp(-scores[e]));
+            sum += scores[e];
+        }
+        if (o->scoring == MM_SCORING_SOFTMAX)
+            for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+        /* k passes of "largest choice not taken yet", ties to the lower index */
+        for (int j = 0; j < k; ++j) {
+            int64_t best = -1;
+            double best_choice = 0.0;
+            for (int64_t e = 0; e < E; ++e) {
+                int taken = 0;
+                for (int i = 0; i < j && !taken; ++i) taken = pick[i] == e;
+                if (taken) continue;
+                const double choice = scores[e] + (o->bias ? (double)o->bias[e] : 0.0);
+                if (best < 0 || choice > best_choice) best = e, best_choice = choice;
+            }
+            pick[j] = (int32_t)best;
+        }
+        double picked = 0.0;
+        for (int j = 0; j < k; ++j) picked += scores[pick[j]];
+        const double norm = o->renormalize ? (picked > 1e-20 ? picked : 1e-20) : 1.0;
+        for (int j = 0; j < k; ++j) {
+            ((int32_t *)ids->data)[t * k + j] = pick[j];
+            ((float *)p->data)[t * k + j] = (float)(scores[pick[j]] / norm);
+        }
+    }
+    free(scores), free(pick);
+    return MM_OK;
+}
+
+mm_status mm_route(mm_context *ctx, const mm_tensor *logits, const mm_route_options *options, const mm_tensor *ids,
+                   const mm_tensor *p)
+{
+    mm_clear_error();
+    if (!ctx) return mm_fail(MM_ERR_INVALID_TYPE, "ctx: NULL context");
+    if (!options) return mm_fail(MM_ERR_INVALID_TYPE, "options: NULL pointer (use mm_route_options_init)");
+    if (options->struct_size < sizeof *options)
+        return mm_fail(MM_ERR_INVALID_VALUE, "options.struct_size: %u is smaller than sizeof(mm_route_options) = %u",
+                       (unsigned)options->struct_size, (unsigned)sizeof *options);
+    static const mm_dtype act[] = {MM_F16, MM_BF16, MM_F32};
+    static const mm_dtype i32[] = {MM_I32};
+    static const mm_dtype f32[] = {MM_F32};
+    mm_status s;
+    if ((s = mm_check_tensor(logits, "logits", act, 3)) || (s = mm_check_tensor(ids, "ids", i32, 1)) ||
+        (s = mm_check_tensor(p, "p", f32, 1)))
+        return s;
+    if (logits->cols < 1) return mm_fail(MM_ERR_INVALID_VALUE, "logits: expected [tokens, experts] with experts >= 1");
+    if (options->top_k < 1 || options->top_k > logits->cols)
+        return mm_fail(MM_ERR_INVALID_VALUE, "top_k: must be in 1..%lld (the number of experts), got %d",
+                       (long long)logits->cols, options->top_k);
+    if (options->scoring != MM_SCORING_SOFTMAX && options->scoring != MM_SCORING_SIGMOID)
+        return mm_fail(MM_ERR_INVALID_VALUE, "scoring: unknown scoring %d (0 = softmax, 1 = sigmoid)",
+                       (int)options->scoring);
+    if (ids->rows != logits->rows || ids->cols != options->top_k)
+        return mm_fail(MM_ERR_INVALID_VALUE, "ids: expected [%lld, %d], got [%lld, %lld]", (long long)logits->rows,
+                       options->top_k, (long long)ids->rows, (long long)ids->cols);
+    if (p->rows != ids->rows || p->cols != ids->cols)
+        return mm_fail(MM_ERR_INVALID_VALUE, "p: expected the shape of ids [%lld, %lld], got [%lld, %lld]",
+                       (long long)ids->rows, (long long)ids->cols, (long long)p->rows, (long long)p->cols);
+    if (mm_overlap(ids, logits) || mm_overlap(p, logits) || mm_overlap(ids, p))
+        return mm_fail(MM_ERR_INVALID_VALUE, "ids/p: overlap each other or logits");
+    if (ctx->ops->route) return ctx->ops->route(ctx, logits, options, ids, p);
+    if (options->bias)
+        for (int64_t e = 0; e < logits->cols; ++e)
+            if (!isfinite(options->bias[e]))
+                return mm_fail(MM_ERR_INVALID_VALUE, "bias: entry %lld is not finite", (long long)e);
+    return mm_route_host(logits, options, ids, p);
+}
+
 mm_status mm_decode_weight(mm_context *ctx, const int16_t *trellis, int32_t in_features, int32_t out_features,
                            int32_t bits_x2, mm_codebook codebook, int32_t simd, uint16_t *out)
 {

@@ -359,6 +359,7 @@ static const mm_backend_ops mm_metal_ops = {
     .simd = mm_metal_simd,
     .has_variant = mm_metal_has_variant,
     .counters = NULL,
+    .route = NULL,
     .alloc = NULL,
     .release = NULL,
     .copy = NULL,

@@ -211,7 +211,11 @@ _ACTIVATIONS = ("float16", "bfloat16", "float32")
 def resolve_kernel(batch_size, weights, kernel=None, use_fp32_acc=None, backend="cpu"):
     """The :class:`policy.Decision` that ``fused_moe`` would run for this call."""
     if kernel is None:
-        return policy.select(batch_size, policy.auto_fp32_acc(use_fp32_acc, weights.hidden), *weights.bits)
+        from .tune import load
+
+        device = getattr(weights, "device", 0)
+        return policy.select(batch_size, policy.auto_fp32_acc(use_fp32_acc, weights.hidden), *weights.bits,
+                             tuned=load(backend, device))
     name = policy.check_variant(kernel, variants(backend))
     if use_fp32_acc and policy.accumulates_fp16(name):
         twin = policy.fp32_fallback(name)

@@ -125,6 +125,19 @@ cdef extern from "metal_moe.h" nogil:
     mm_status mm_decode_weight(mm_context *ctx, const int16_t *trellis, int32_t in_features, int32_t out_features,
                                int32_t bits_x2, mm_codebook codebook, int32_t simd, uint16_t *out)
     mm_status mm_context_counters(mm_context *ctx, uint64_t *fp32_reruns, uint64_t *invalid_ids)
+    ctypedef enum mm_scoring:
+        MM_SCORING_SOFTMAX
+        MM_SCORING_SIGMOID
+    ctypedef struct mm_route_options:
+        uint32_t struct_size
+        int32_t top_k
+        mm_scoring scoring
+        int32_t renormalize
+        const float *bias
+        void *stream
+    void mm_route_options_init(mm_route_options *options)
+    mm_status mm_route(mm_context *ctx, const mm_tensor *logits, const mm_route_options *options,
+                       const mm_tensor *ids, const mm_tensor *p)
     mm_status mm_device_alloc(mm_context *ctx, size_t bytes, void **ptr)
     mm_status mm_device_free(mm_context *ctx, void *ptr)
     mm_status mm_device_copy(mm_context *ctx, void *dst, const void *src, size_t bytes)
@@ -371,6 +384,25 @@ cdef class Context:
         options.stream = <void *>stream
         with nogil:
             s = mm_moe_forward(self.ctx, &w, &t[0], &t[1], &t[2], &t[3], &options)
+        if s != MM_OK:
+            raise_status(s)
+
+    def route(self, logits, str logits_dtype, int top_k, str scoring, bint renormalize, bias, ids, p):
+        """Top-k selection from router logits into ids (int32) and p (float32), in place (host arrays)."""
+        cdef _Buffers bufs = _Buffers()
+        cdef mm_tensor tl, ti, tp
+        cdef mm_route_options options
+        cdef mm_status s
+        fill_tensor(&tl, logits, logits_dtype, False, bufs)
+        fill_tensor(&ti, ids, "int32", True, bufs)
+        fill_tensor(&tp, p, "float32", True, bufs)
+        mm_route_options_init(&options)
+        options.top_k = top_k
+        options.scoring = MM_SCORING_SOFTMAX if scoring == "softmax" else MM_SCORING_SIGMOID
+        options.renormalize = renormalize
+        options.bias = <const float *>bufs.get(bias, False)
+        with nogil:
+            s = mm_route(self.ctx, &tl, &options, &ti, &tp)
         if s != MM_OK:
             raise_status(s)
 

@@ -16,9 +16,11 @@ from .weights import MoEWeights
 
 try:
     from . import _native
+    from ._native import UnsupportedError
 except ImportError as err:          # a source checkout that was never built
     _native = None
     _IMPORT_ERROR = err
+    UnsupportedError = ValueError
 
 __all__ = ["Context", "backends", "fused_moe", "get_include", "get_library", "reset_stats", "stats"]
 
@@ -209,7 +211,11 @@ _ACTIVATIONS = ("float16", "bfloat16", "float32")
 def resolve_kernel(batch_size, weights, kernel=None, use_fp32_acc=None, backend="cpu"):
     """The :class:`policy.Decision` that ``fused_moe`` would run for this call."""
     if kernel is None:
-        return policy.select(batch_size, policy.auto_fp32_acc(use_fp32_acc, weights.hidden), *weights.bits)
+        from .tune import load
+
+        device = getattr(weights, "device", 0)
+        return policy.select(batch_size, policy.auto_fp32_acc(use_fp32_acc, weights.hidden), *weights.bits,
+                             tuned=load(backend, device))
     name = policy.check_variant(kernel, variants(backend))
     if use_fp32_acc and policy.accumulates_fp16(name):
         twin = policy.fp32_fallback(name)
@@ -217,7 +223,8 @@ def resolve_kernel(batch_size, weights, kernel=None, use_fp32_acc=None, backend=
     return policy.Decision(name, policy.TILE_N[name], "forced by kernel=", not policy.accumulates_fp16(name))
 
 
-def fused_moe(x, ids, p, weights, *, backend=None, kernel=None, use_fp32_acc=None, out=None, num_threads=None,
+def fused_moe(x, ids=None, p=None, weights=None, *, router_logits=None, top_k=None, scoring="softmax", bias=None,
+              renormalize=True, backend=None, kernel=None, use_fp32_acc=None, out=None, num_threads=None,
               routed_scaling_factor=1.0, context=None, stream=None):
     """The MoE expert block: ``y[t] = rsf * sum_j p[t,j] * down_e(silu(gate_e(x[t])) * up_e(x[t])) + shared(x[t])``.
 
@@ -236,10 +243,25 @@ def fused_moe(x, ids, p, weights, *, backend=None, kernel=None, use_fp32_acc=Non
     the call is re-run once with its fp32-accumulating twin; this is counted in :func:`stats` and
     warned about once.
 
+    Routing in the same call: instead of ``ids`` and ``p``, pass ``router_logits [M, experts]``
+    (float32/float16/bfloat16) with ``top_k``, ``scoring`` ("softmax" or "sigmoid"), ``bias``
+    (float32 [experts], added to the scores to choose experts only) and ``renormalize``: the native
+    router (mm_route) selects exactly as :func:`metal_moe.reference.route` does, then the experts run.
+
     CUDA: pass :class:`~metal_moe.DeviceWeights` (``weights.to("cuda")``) and CUDA arrays (torch,
     cupy, anything with ``__cuda_array_interface__`` or DLPack), all on the weights' device; see
     :func:`_fused_moe_device`.
     """
+    if router_logits is not None:
+        if ids is not None or p is not None:
+            raise ValueError("router_logits: pass either ids and p or router_logits, not both")
+        ids, p = _route_native(router_logits, weights, top_k, scoring, bias, renormalize, backend, context)
+    elif top_k is not None or bias is not None:
+        raise ValueError("top_k/bias: only used with router_logits")
+    if ids is None or p is None:
+        raise TypeError("ids, p: required (or pass router_logits= with top_k=)")
+    if weights is None:
+        raise TypeError("weights: required")
     if isinstance(weights, DeviceWeights) or any(is_device_array(a) for a in (x, ids, p, out) if a is not None):
         return _fused_moe_device(x, ids, p, weights, backend, kernel, use_fp32_acc, out, num_threads,
                                  routed_scaling_factor, context, stream)
@@ -309,6 +331,35 @@ def fused_moe(x, ids, p, weights, *, backend=None, kernel=None, use_fp32_acc=Non
             still = not _finite(view, out_label)
     _count(decision.name, fallback, still)
     return out
+
+
+def _route_native(router_logits, weights, top_k, scoring, bias, renormalize, backend, context):
+    """ids (int32) and p (float32) for router_logits through the native router."""
+    if isinstance(weights, DeviceWeights) or is_device_array(router_logits):
+        raise UnsupportedError("router_logits: routing on the cuda backend is not implemented yet; route with "
+                               "metal_moe.reference.route or your model's router and pass ids and p")
+    if not isinstance(weights, MoEWeights):
+        raise TypeError(f"weights: expected MoEWeights, got {type(weights).__name__}")
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
+    if top_k is None:
+        raise TypeError("top_k: required with router_logits")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"top_k: expected an integer, got {type(top_k).__name__}")
+    logits, label = _host_array(router_logits, "router_logits", _ACTIVATIONS)
+    if logits.shape[1] != weights.experts:
+        raise ValueError(f"router_logits: expected shape [tokens, {weights.experts}] (experts), got {logits.shape}")
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.dtype != np.float32 or bias.shape != (weights.experts,) or not bias.flags.c_contiguous:
+            raise ValueError(f"bias: expected a contiguous float32 array of shape ({weights.experts},), got "
+                             f"{bias.dtype} {bias.shape}")
+    # host arrays: the core's router (the same code on every host-memory backend) through the cpu context
+    ctx = context if context is not None and context.backend != "cuda" else _default_context("cpu")
+    ids = np.empty((logits.shape[0], int(top_k)), np.int32)
+    p = np.empty((logits.shape[0], int(top_k)), np.float32)
+    ctx.route(_storage(logits), label, int(top_k), scoring, bool(renormalize), bias, ids, p)
+    return ids, p
 
 
 def _check_rsf(routed_scaling_factor):

@@ -1,4 +1,4 @@
-"""The ``metal-moe`` command (also ``python -m metal_moe``): demo, bench, info, select."""
+"""The ``metal-moe`` command (also ``python -m metal_moe``): demo, bench, tune, info, select."""
 
 from __future__ import annotations
 
@@ -245,17 +245,44 @@ def cmd_info(args):
 
 # ---- select -------------------------------------------------------------------------------------
 def cmd_select(args):
+    from . import tune
+
     fp32 = policy.auto_fp32_acc(True if args.fp32_acc else None, args.hidden)
     why_fp32 = ("asked for (--fp32-acc)" if args.fp32_acc else
                 f"auto: hidden {args.hidden} {'>=' if fp32 else '<'} {policy.AUTO_FP32_HIDDEN}")
-    d = policy.select(args.batch, fp32, *args.bits)
+    tuned = tune.load(_backend(args.backend)) if not args.default else None
+    d = policy.select(args.batch, fp32, *args.bits, tuned=tuned)
+    table = tuned.source if tuned is not None and d.rule.startswith("tuned") else "default"
     data = {"batch": args.batch, "bits": list(args.bits), "hidden": args.hidden, "use_fp32_acc": fp32,
-            "fp32_rule": why_fp32, "variant": d.name, "tile_n": d.tile_n, "rule": d.rule, "table": "default"}
+            "fp32_rule": why_fp32, "variant": d.name, "tile_n": d.tile_n, "rule": d.rule, "table": table}
     if args.json:
         print(json.dumps(data, indent=1))
     else:
+        shown = "default (DESIGN.md section 4)" if table == "default" else f"tuned ({table})"
         print(f"{d.name} (tile_n {d.tile_n})\n  rule: {d.rule}\n  fp32 accumulation: {fp32} ({why_fp32})\n"
-              f"  table: default (DESIGN.md section 4)")
+              f"  table: {shown}")
+    return 0
+
+
+def cmd_tune(args):
+    from . import tune
+
+    backend = _backend(args.backend)
+    weights = None
+    if backend != "cuda":
+        weights = _load_weights(args)
+    progress = Progress(args.quiet, "tune")
+    table = tune.tune(backend, args.preset, batches=args.batch, repeats=args.repeats, weights=weights,
+                      progress=progress)
+    progress.close()
+    failed = sorted({m["variant"] for m in table["measured"] if not m["passed"]})
+    print(f"# tuned {table['key'][1]} ({table['key'][0]}, metal_moe {table['key'][2]}), bits {table['entries'][0]['bits'] if table['entries'] else '-'}")
+    print(f"{'batch':>5}  {'fp32':<5} {'fastest correct variant':<40} {'ms':>9}")
+    for e in table["entries"]:
+        print(f"{e['batch']:>5}  {str(e['fp32']):<5} {e['variant']:<40} {e['seconds'] * 1e3:>9.3f}")
+    if failed:
+        print(f"never chosen (failed the correctness check): {', '.join(failed)}")
+    print(f"written to {table['path']}")
     return 0
 
 
@@ -301,11 +328,21 @@ def build_parser():
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
+    t = sub.add_parser("tune", help="time every variant per batch size on this device; the policy then prefers it",
+                       description="Measure every variant at each batch size (the bench harness), check each against "
+                                   "the float64 reference, and store the fastest correct one per batch and "
+                                   "accumulation mode in the user cache (metal_moe/tune.py).")
+    common(t, [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    t.add_argument("--repeats", type=int, default=5)
+    t.set_defaults(func=cmd_tune)
+
     s = sub.add_parser("select", help="the policy's decision for a call and the rule that made it")
     s.add_argument("--batch", type=int, required=True, help="tokens in the batch")
     s.add_argument("--bits", type=_bits, required=True, help="gate,up,down bits, e.g. 6,2,3")
     s.add_argument("--fp32-acc", action="store_true", help="ask for fp32 accumulation")
     s.add_argument("--hidden", type=int, default=2048, help="hidden size for the auto fp32 rule (default: %(default)s)")
+    s.add_argument("--backend", default="auto", help="whose tuned table to consult (default: %(default)s)")
+    s.add_argument("--default", action="store_true", help="ignore tuned tables: the default table only")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_select)
     return ap

@@ -23,6 +23,7 @@ __all__ = [
     "VARIANTS",
     "SPECIALISED_BITS",
     "Decision",
+    "TunedTable",
     "auto_fp32_acc",
     "check_variant",
     "fp32_fallback",
@@ -118,14 +119,38 @@ def _bits_key(bits):
     return tuple(int(b) if float(b).is_integer() else float(b) for b in bits)
 
 
-def select(batch_size, use_fp32_acc, gate_bits, up_bits, down_bits):
-    """The default table's :class:`Decision` for a call (``use_fp32_acc`` must be resolved)."""
+@dataclasses.dataclass(frozen=True)
+class TunedTable:
+    """A per-device table written by ``metal-moe tune`` (metal_moe/tune.py): for each bit triple and
+    accumulation mode, the fastest variant that passed its correctness check at each batch size
+    measured on this device."""
+
+    source: str                  # the file it was read from
+    key: tuple                   # (backend, device, library version) it was measured for
+    entries: tuple               # ((bits, fp32, batch, variant), ...)
+
+    def lookup(self, batch_size, fp32, bits):
+        """(measured batch, variant) for the largest measured batch <= batch_size, or None."""
+        rows = [(b, v) for bb, f, b, v in self.entries if _bits_key(bb) == bits and f == fp32 and b <= batch_size]
+        return max(rows) if rows else None
+
+
+def select(batch_size, use_fp32_acc, gate_bits, up_bits, down_bits, tuned=None):
+    """The :class:`Decision` for a call (``use_fp32_acc`` must be resolved): from ``tuned`` (a
+    :class:`TunedTable`) where it has a measurement for these bits at or below this batch size,
+    else from the default table (DESIGN.md section 4)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
         raise TypeError(f"batch_size: expected an integer number of tokens, got {type(batch_size).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be at least 1 token, got {batch_size}")
     fp32 = bool(use_fp32_acc)
     bits = _bits_key((gate_bits, up_bits, down_bits))
+    if tuned is not None:
+        hit = tuned.lookup(batch_size, fp32, bits)
+        if hit is not None and hit[1] in VARIANTS and accepts_bits(hit[1], bits) and \
+                not (fp32 and accumulates_fp16(hit[1])):
+            return Decision(hit[1], TILE_N[hit[1]], f"tuned table {tuned.source}: the fastest correct variant "
+                                                    f"measured at batch {hit[0]}", fp32)
     if batch_size == 1:
         if not fp32 and bits in SPECIALISED_BITS:
             name = next(n for n, b in _SPECIALISED.items() if b == bits)

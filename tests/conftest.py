@@ -8,6 +8,7 @@ repository (``../shared/testdata/exl3/``), every file there is used instead.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,10 @@ VECTOR_DIR = SHARED_DIR if SHARED_DIR.is_dir() else VENDORED_DIR
 MOE_PARTS = ("io", "gate", "up", "down")
 MCG_MARKER = -877912083         # FORMAT.md 1: 0xCBAC1FED reinterpreted as int32
 MUL1_MARKER = -2082680531       # FORMAT.md 1: 0x83DCD12D reinterpreted as int32
+
+# tuned tables (metal-moe tune) live in the user cache: the tests use an empty one of their own, so
+# that a developer's tuning never changes what the policy tests see
+os.environ["METAL_MOE_CACHE"] = tempfile.mkdtemp(prefix="metal_moe_test_cache_")
 
 settings.register_profile("metal_moe", deadline=None, max_examples=30, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "metal_moe"))

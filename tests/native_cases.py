@@ -18,6 +18,8 @@ import numpy as np
 import metal_moe as mm
 from metal_moe import policy, reference
 
+from conftest import moe_case_path, single_layer_vectors
+
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 256, 384, 8, 2
 TOL = {True: 4e-3, False: 1e-2}      # keyed by "accumulates in fp32"
 BITS = [(6, 2, 3), (4, 2, 3), (1, 8, 5), (6, 3, 4), (6, 2, 4)]
@@ -77,3 +79,28 @@ def check(out, ref, variant):
     err = relative_error(out, ref)
     assert err <= TOL[fp32], f"{variant}: relative error {err:.2e} > {TOL[fp32]:.0e}"
     return err
+
+
+def exl3_moe_case():
+    """The reference implementation's fused-MoE case (MCG, K 4/2/3, E=8, top-2): (io arrays, weights)."""
+    io = np.load(moe_case_path("io"))
+    parts = [np.load(moe_case_path(p)) for p in ("gate", "up", "down")]
+    w = mm.MoEWeights(*(mm.TrellisWeight(d["trellis"], d["suh"], d["svh"], "mcg") for d in parts))
+    return io, w
+
+
+def check_exl3_moe(out, io, w, variant):
+    """A backend's output on the EXL3 MoE case: close to the stored output and to the reference."""
+    # the stored output carries the reference kernel's own fp16 intermediates; the float64 formula
+    # differs from it by <= 0.006 (README of the vectors), our kernels by about as much again
+    assert np.abs(out - io["y"]).max() <= 0.02
+    return check(out, reference.moe_forward(io["x"], io["selected_experts"], io["routing_weights"], w), variant)
+
+
+def check_decoder_on_vectors(decode):
+    """decode(trellis, k, n, kx2, codebook) -> uint16 [k, n] must give every vector's W_q bit for bit."""
+    for path in single_layer_vectors():
+        d = np.load(path)
+        k, n = d["W_q"].shape
+        got = decode(np.ascontiguousarray(d["trellis"]), k, n, int(2 * d["K"]), str(d["codebook"]))
+        assert np.array_equal(got, d["W_q"].view(np.uint16)), path

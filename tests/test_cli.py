@@ -21,7 +21,7 @@ def run(*args):
                           cwd=tempfile.gettempdir())
 
 
-@pytest.mark.parametrize("sub", [[], ["demo"], ["bench"], ["info"], ["select"]])
+@pytest.mark.parametrize("sub", [[], ["demo"], ["bench"], ["tune"], ["info"], ["select"]])
 def test_help(sub):
     r = run(*sub, "--help")
     assert r.returncode == 0 and "usage: metal-moe" in r.stdout

@@ -10,8 +10,8 @@ import pytest
 import metal_moe as mm
 from metal_moe import policy, reference
 
-from conftest import moe_case_path, single_layer_vectors
-from native_cases import EXPERTS, HIDDEN, RSF, TOP_K, check, expected, inputs, matrix, seed_of, weights
+from native_cases import (EXPERTS, HIDDEN, RSF, TOP_K, check, check_decoder_on_vectors, check_exl3_moe, expected,
+                          exl3_moe_case, inputs, matrix, seed_of, weights)
 
 pytestmark = pytest.mark.skipif("cpu" not in mm.backends(), reason="the native library is not built")
 
@@ -63,38 +63,32 @@ def test_the_simd_path_is_the_default_where_the_processor_has_it():
 @pytest.mark.parametrize("variant", policy.VARIANTS)
 def test_exl3_moe_vector(isa, variant):
     """The reference implementation's fused-MoE case (MCG, K 4/2/3, E=8, top-2) through every variant."""
-    io = np.load(moe_case_path("io"))
-    parts = [np.load(moe_case_path(p)) for p in ("gate", "up", "down")]
-    w = mm.MoEWeights(*(mm.TrellisWeight(d["trellis"], d["suh"], d["svh"], "mcg") for d in parts))
+    io, w = exl3_moe_case()
     if not policy.accepts_bits(variant, (4, 2, 3)):
         pytest.skip(f"{variant} is specialised for other bits than 4/2/3")
     out = np.full(io["y"].shape, np.nan, np.float32)
     mm.fused_moe(io["x"], io["selected_experts"], io["routing_weights"], w, kernel=variant, out=out,
                  context=_context(isa))
-    # the stored output carries the reference kernel's own fp16 intermediates; the float64 formula
-    # differs from it by <= 0.006 (README of the vectors), our kernels by about as much again
-    assert np.abs(out - io["y"]).max() <= 0.02
-    check(out, reference.moe_forward(io["x"], io["selected_experts"], io["routing_weights"], w), variant)
+    check_exl3_moe(out, io, w, variant)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_decoders_are_bit_exact(isa):
     """The kernels' decoders (the shared header's bit stream and codebooks) against every vector."""
     ctx = _context(isa)
-    for path in single_layer_vectors():
-        d = np.load(path)
-        k, n = d["W_q"].shape
+
+    def decode(trellis, k, n, kx2, codebook):
         out = np.full((k, n), 0xFFFF, np.uint16)
-        ctx.decode(np.ascontiguousarray(d["trellis"]), k, n, int(2 * d["K"]), str(d["codebook"]), out, True)
-        assert np.array_equal(out, d["W_q"].view(np.uint16)), path
+        ctx.decode(trellis, k, n, kx2, codebook, out, True)
+        return out
+
+    check_decoder_on_vectors(decode)
     for kx2 in range(2, 17):
         for cb in ("3inst", "mcg", "mul1"):
             if kx2 % 2 and (cb != "mul1" or kx2 > 7):
                 continue
             w = mm.TrellisWeight.random(128, 256, kx2 / 2, cb, rng=seed_of(kx2, cb))
-            out = np.empty((128, 256), np.uint16)
-            ctx.decode(w.trellis, 128, 256, kx2, cb, out, True)
-            assert np.array_equal(out, w.decode().view(np.uint16)), (kx2, cb)
+            assert np.array_equal(decode(w.trellis, 128, 256, kx2, cb), w.decode().view(np.uint16)), (kx2, cb)
 
 
 @pytest.mark.parametrize("x_dtype", ["float16", "float32", "bfloat16"])

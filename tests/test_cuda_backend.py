@@ -15,8 +15,8 @@ import pytest
 import metal_moe as mm
 from metal_moe import policy, reference
 
-from conftest import moe_case_path, single_layer_vectors
-from native_cases import HIDDEN, RSF, check, expected, inputs, matrix, seed_of, weights
+from native_cases import (HIDDEN, RSF, check, check_decoder_on_vectors, check_exl3_moe, expected, exl3_moe_case, inputs,
+                          matrix, seed_of, weights)
 
 pytestmark = pytest.mark.skipif("cuda" not in mm.backends(),
                                 reason="no usable CUDA device (or the library was built without the cuda backend)")
@@ -90,15 +90,11 @@ def test_exl3_moe_vector(variant):
     """The reference implementation's fused-MoE case (MCG, K 4/2/3, E=8, top-2)."""
     if not policy.accepts_bits(variant, (4, 2, 3)):
         pytest.skip(f"{variant} is specialised for other bits than 4/2/3")
-    io = np.load(moe_case_path("io"))
-    parts = [np.load(moe_case_path(p)) for p in ("gate", "up", "down")]
-    w = mm.MoEWeights(*(mm.TrellisWeight(d["trellis"], d["suh"], d["svh"], "mcg") for d in parts))
+    io, w = exl3_moe_case()
     out = poisoned(io["y"].shape)
     mm.fused_moe(dev(io["x"]), dev(io["selected_experts"]), dev(io["routing_weights"]), w.to("cuda"), kernel=variant,
                  out=out)
-    y = out.numpy()
-    assert np.abs(y - io["y"]).max() <= 0.02
-    check(y, reference.moe_forward(io["x"], io["selected_experts"], io["routing_weights"], w), variant)
+    check_exl3_moe(out.numpy(), io, w, variant)
 
 
 def _decode_on_device(trellis, k, n, kx2, codebook):
@@ -110,11 +106,7 @@ def _decode_on_device(trellis, k, n, kx2, codebook):
 
 
 def test_decoder_is_bit_exact_on_the_vectors():
-    for path in single_layer_vectors():
-        d = np.load(path)
-        k, n = d["W_q"].shape
-        got = _decode_on_device(d["trellis"], k, n, int(2 * d["K"]), str(d["codebook"]))
-        assert np.array_equal(got, d["W_q"].view(np.uint16)), path
+    check_decoder_on_vectors(_decode_on_device)
 
 
 @pytest.mark.parametrize("codebook", ["3inst", "mcg", "mul1"])

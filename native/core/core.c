@@ -93,6 +93,9 @@ int mm_backend_built(mm_backend backend)
 #if defined(MM_HAVE_CUDA)
     if (backend == MM_BACKEND_CUDA) return 1;
 #endif
+#if defined(MM_HAVE_METAL)
+    if (backend == MM_BACKEND_METAL) return 1;
+#endif
     return backend == MM_BACKEND_CPU;
 }
 
@@ -100,6 +103,9 @@ int mm_backend_device_count(mm_backend backend)
 {
 #if defined(MM_HAVE_CUDA)
     if (backend == MM_BACKEND_CUDA) return mm_cuda_device_count();
+#endif
+#if defined(MM_HAVE_METAL)
+    if (backend == MM_BACKEND_METAL) return mm_metal_device_count();
 #endif
     return backend == MM_BACKEND_CPU ? 1 : 0;
 }
@@ -123,7 +129,9 @@ mm_status mm_context_create(mm_backend backend, int device, const mm_context_opt
     const int devices = mm_backend_device_count(backend);
     if (devices == 0)
         return mm_fail(MM_ERR_UNSUPPORTED, "backend: '%s' is built, but no device of it is usable on this machine%s",
-                       mm_backend_name(backend), backend == MM_BACKEND_CUDA ? " (no GPU, or no driver)" : "");
+                       mm_backend_name(backend), backend == MM_BACKEND_CUDA    ? " (no GPU, or no driver)"
+                       : backend == MM_BACKEND_METAL ? " (no Metal device)"
+                                                     : "");
     if (device < 0 || device >= devices)
         return mm_fail(MM_ERR_INVALID_VALUE, "device: %d is not a device of backend '%s' (it has %d)", device,
                        mm_backend_name(backend), devices);
@@ -144,6 +152,9 @@ mm_status mm_context_create(mm_backend backend, int device, const mm_context_opt
     if (backend == MM_BACKEND_CPU) s = mm_cpu_context_init(ctx, options);
 #if defined(MM_HAVE_CUDA)
     if (backend == MM_BACKEND_CUDA) s = mm_cuda_context_init(ctx, options);
+#endif
+#if defined(MM_HAVE_METAL)
+    if (backend == MM_BACKEND_METAL) s = mm_metal_context_init(ctx, options);
 #endif
     if (s != MM_OK) {
         free(ctx);
@@ -259,7 +270,7 @@ mm_status mm_variant_describe(const char *name, mm_variant_info *info)
 int mm_backend_has_variant(mm_backend backend, const char *name)
 {
     int id = mm_find_variant(name);
-    return id >= 0 && mm_backend_built(backend) && backend != MM_BACKEND_METAL;
+    return id >= 0 && mm_backend_built(backend);
 }
 
 void mm_forward_options_init(mm_forward_options *options)
@@ -405,10 +416,10 @@ mm_status mm_moe_forward(mm_context *ctx, const mm_weights *weights, const mm_te
     if (mm_overlap(out, x)) return mm_fail(MM_ERR_INVALID_VALUE, "out: overlaps x (in-place operation is not supported)");
     if (mm_overlap(out, ids)) return mm_fail(MM_ERR_INVALID_VALUE, "out: overlaps ids");
     if (mm_overlap(out, p)) return mm_fail(MM_ERR_INVALID_VALUE, "out: overlaps p");
-    /* Host backends check every id and weight here; device backends cannot read device memory
+    /* Host-memory backends (cpu, metal) check every id and weight here; CUDA cannot read device memory
      * without synchronising, so their kernels check the ids (an invalid one makes its token's row
      * NaN and is counted, see mm_context_counters). */
-    int64_t n = ctx->backend == MM_BACKEND_CPU ? ids->rows * ids->cols : 0;
+    int64_t n = ctx->backend != MM_BACKEND_CUDA ? ids->rows * ids->cols : 0;   /* cpu, metal: host memory */
     for (int64_t i = 0; i < n; ++i) {
         int64_t e = ids->dtype == MM_I32 ? ((const int32_t *)ids->data)[i] : ((const int64_t *)ids->data)[i];
         if (e < 0 || e >= weights->experts)
@@ -427,6 +438,108 @@ mm_status mm_moe_forward(mm_context *ctx, const mm_weights *weights, const mm_te
     };
     if (call.tokens == 0) return MM_OK;
     return ctx->ops->forward(ctx, &call);
+}
+
+/* ---- routing (host memory; matches metal_moe.reference.route) ---------------------------------- */
+void mm_route_options_init(mm_route_options *options)
+{
+    if (!options) return;
+    memset(options, 0, sizeof *options);
+    options->struct_size = sizeof *options;
+    options->top_k = 1;
+    options->renormalize = 1;
+}
+
+static mm_status mm_route_host(const mm_tensor *logits, const mm_route_options *o, const mm_tensor *ids,
+                               const mm_tensor *p)
+{
+    const int64_t E = logits->cols;
+    const int k = o->top_k;
+    double *scores = malloc(sizeof(double) * (size_t)E);
+    int32_t *pick = malloc(sizeof(int32_t) * (size_t)k);
+    if (!scores || !pick) {
+        free(scores), free(pick);
+        return mm_fail(MM_ERR_OUT_OF_MEMORY, "route: out of memory");
+    }
+    for (int64_t t = 0; t < logits->rows; ++t) {
+        double top = -INFINITY, sum = 0.0;
+        for (int64_t e = 0; e < E; ++e) {
+            scores[e] = mm_load_float(logits->data, logits->dtype, t * E + e);
+            if (!isfinite(scores[e])) {
+                free(scores), free(pick);
+                return mm_fail(MM_ERR_INVALID_VALUE, "logits: token %lld, expert %lld is not finite", (long long)t,
+                               (long long)e);
+            }
+            if (scores[e] > top) top = scores[e];
+        }
+        for (int64_t e = 0; e < E; ++e) {
+            scores[e] = o->scoring == MM_SCORING_SOFTMAX ? exp(scores[e] - top) : 1.0 / (1.0 + exp(-scores[e]));
+            sum += scores[e];
+        }
+        if (o->scoring == MM_SCORING_SOFTMAX)
+            for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+        /* k passes of "largest choice not taken yet", ties to the lower index */
+        for (int j = 0; j < k; ++j) {
+            int64_t best = -1;
+            double best_choice = 0.0;
+            for (int64_t e = 0; e < E; ++e) {
+                int taken = 0;
+                for (int i = 0; i < j && !taken; ++i) taken = pick[i] == e;
+                if (taken) continue;
+                const double choice = scores[e] + (o->bias ? (double)o->bias[e] : 0.0);
+                if (best < 0 || choice > best_choice) best = e, best_choice = choice;
+            }
+            pick[j] = (int32_t)best;
+        }
+        double picked = 0.0;
+        for (int j = 0; j < k; ++j) picked += scores[pick[j]];
+        const double norm = o->renormalize ? (picked > 1e-20 ? picked : 1e-20) : 1.0;
+        for (int j = 0; j < k; ++j) {
+            ((int32_t *)ids->data)[t * k + j] = pick[j];
+            ((float *)p->data)[t * k + j] = (float)(scores[pick[j]] / norm);
+        }
+    }
+    free(scores), free(pick);
+    return MM_OK;
+}
+
+mm_status mm_route(mm_context *ctx, const mm_tensor *logits, const mm_route_options *options, const mm_tensor *ids,
+                   const mm_tensor *p)
+{
+    mm_clear_error();
+    if (!ctx) return mm_fail(MM_ERR_INVALID_TYPE, "ctx: NULL context");
+    if (!options) return mm_fail(MM_ERR_INVALID_TYPE, "options: NULL pointer (use mm_route_options_init)");
+    if (options->struct_size < sizeof *options)
+        return mm_fail(MM_ERR_INVALID_VALUE, "options.struct_size: %u is smaller than sizeof(mm_route_options) = %u",
+                       (unsigned)options->struct_size, (unsigned)sizeof *options);
+    static const mm_dtype act[] = {MM_F16, MM_BF16, MM_F32};
+    static const mm_dtype i32[] = {MM_I32};
+    static const mm_dtype f32[] = {MM_F32};
+    mm_status s;
+    if ((s = mm_check_tensor(logits, "logits", act, 3)) || (s = mm_check_tensor(ids, "ids", i32, 1)) ||
+        (s = mm_check_tensor(p, "p", f32, 1)))
+        return s;
+    if (logits->cols < 1) return mm_fail(MM_ERR_INVALID_VALUE, "logits: expected [tokens, experts] with experts >= 1");
+    if (options->top_k < 1 || options->top_k > logits->cols)
+        return mm_fail(MM_ERR_INVALID_VALUE, "top_k: must be in 1..%lld (the number of experts), got %d",
+                       (long long)logits->cols, options->top_k);
+    if (options->scoring != MM_SCORING_SOFTMAX && options->scoring != MM_SCORING_SIGMOID)
+        return mm_fail(MM_ERR_INVALID_VALUE, "scoring: unknown scoring %d (0 = softmax, 1 = sigmoid)",
+                       (int)options->scoring);
+    if (ids->rows != logits->rows || ids->cols != options->top_k)
+        return mm_fail(MM_ERR_INVALID_VALUE, "ids: expected [%lld, %d], got [%lld, %lld]", (long long)logits->rows,
+                       options->top_k, (long long)ids->rows, (long long)ids->cols);
+    if (p->rows != ids->rows || p->cols != ids->cols)
+        return mm_fail(MM_ERR_INVALID_VALUE, "p: expected the shape of ids [%lld, %lld], got [%lld, %lld]",
+                       (long long)ids->rows, (long long)ids->cols, (long long)p->rows, (long long)p->cols);
+    if (mm_overlap(ids, logits) || mm_overlap(p, logits) || mm_overlap(ids, p))
+        return mm_fail(MM_ERR_INVALID_VALUE, "ids/p: overlap each other or logits");
+    if (ctx->ops->route) return ctx->ops->route(ctx, logits, options, ids, p);
+    if (options->bias)
+        for (int64_t e = 0; e < logits->cols; ++e)
+            if (!isfinite(options->bias[e]))
+                return mm_fail(MM_ERR_INVALID_VALUE, "bias: entry %lld is not finite", (long long)e);
+    return mm_route_host(logits, options, ids, p);
 }
 
 mm_status mm_decode_weight(mm_context *ctx, const int16_t *trellis, int32_t in_features, int32_t out_features,

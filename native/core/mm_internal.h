@@ -52,6 +52,9 @@ typedef struct mm_backend_ops {
     int (*has_variant)(int variant_id);
     /* device-side counters: [0] fp16 tiles re-run with fp32 sums, [1] invalid expert ids (NULL: none) */
     mm_status (*counters)(mm_context *ctx, uint64_t *values, int n);
+    /* top-k routing (NULL: the core's host implementation, for host-memory backends) */
+    mm_status (*route)(mm_context *ctx, const mm_tensor *logits, const mm_route_options *options,
+                       const mm_tensor *ids, const mm_tensor *p);
     /* device memory (NULL for host backends) */
     mm_status (*alloc)(mm_context *ctx, size_t bytes, void **ptr);
     mm_status (*release)(mm_context *ctx, void *ptr);
@@ -77,6 +80,10 @@ mm_status mm_cpu_context_init(mm_context *ctx, const mm_context_options *options
 #if defined(MM_HAVE_CUDA)
 mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_options *options);
 int mm_cuda_device_count(void);
+#endif
+#if defined(MM_HAVE_METAL)
+mm_status mm_metal_context_init(mm_context *ctx, const mm_context_options *options);
+int mm_metal_device_count(void);
 #endif
 
 /* Element size of a dtype in bytes. */

@@ -461,6 +461,7 @@ static const mm_backend_ops mm_cpu_ops = {
     .simd = mm_cpu_simd,
     .has_variant = mm_cpu_has_variant,
     .counters = NULL,
+    .route = NULL,
     .alloc = NULL,
     .release = NULL,
     .copy = NULL,

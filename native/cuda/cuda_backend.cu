@@ -387,9 +387,15 @@ mm_status cuda_copy(mm_context *ctx, void *dst, const void *src, size_t bytes)
     return err == cudaSuccess ? MM_OK : cuda_fail(err, "cudaMemcpy");
 }
 
+mm_status cuda_route(mm_context *, const mm_tensor *, const mm_route_options *, const mm_tensor *, const mm_tensor *)
+{
+    return mm_fail(MM_ERR_UNSUPPORTED, "router_logits: routing on the cuda backend is not implemented yet; route with "
+                   "metal_moe.reference.route or your model's router and pass ids and p");
+}
+
 const mm_backend_ops cuda_ops = {
     cuda_forward, cuda_decode, cuda_destroy, cuda_num_threads, cuda_simd, cuda_has_variant, cuda_counters,
-    cuda_alloc,   cuda_release, cuda_copy,
+    cuda_route,   cuda_alloc,  cuda_release, cuda_copy,
 };
 
 }  // namespace

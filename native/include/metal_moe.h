@@ -231,6 +231,34 @@ MM_API mm_status mm_moe_forward(mm_context *ctx, const mm_weights *weights, cons
                                 const mm_tensor *ids, const mm_tensor *p, const mm_tensor *out,
                                 const mm_forward_options *options);
 
+/* ---- routing -------------------------------------------------------------------------------- */
+typedef enum mm_scoring {
+    MM_SCORING_SOFTMAX = 0,         /* Qwen3-MoE: softmax(logits) */
+    MM_SCORING_SIGMOID = 1          /* GLM-4.x, DeepSeek-V3: sigmoid(logits) */
+} mm_scoring;
+
+typedef struct mm_route_options {
+    uint32_t struct_size;           /* sizeof(mm_route_options) */
+    int32_t top_k;                  /* 1..experts */
+    mm_scoring scoring;
+    int32_t renormalize;            /* 1: the selected scores are divided by their sum (at least 1e-20) */
+    const float *bias;              /* NULL or [experts] float32: added to the scores to choose experts,
+                                       not to their weights (DeepSeek's correction bias); finite */
+    void *stream;                   /* GPU backends: the stream to run on (NULL: default) */
+} mm_route_options;
+
+MM_API void mm_route_options_init(mm_route_options *options);
+
+/* Top-k expert selection from router logits, as metal_moe.reference.route computes it:
+ *   logits  [M, experts]  MM_F32, MM_F16 or MM_BF16, finite
+ *   ids     [M, top_k]    MM_I32 (written): the experts with the largest scores (+ bias), ties to
+ *                         the lower index, in decreasing order
+ *   p       [M, top_k]    MM_F32 (written): their scores, renormalised if asked
+ * Computed in double precision on the CPU.  Feed ids and p to mm_moe_forward (Python:
+ * fused_moe(x, weights=w, router_logits=...)). */
+MM_API mm_status mm_route(mm_context *ctx, const mm_tensor *logits, const mm_route_options *options,
+                          const mm_tensor *ids, const mm_tensor *p);
+
 /* ---- format helpers (for tests and tools) ---------------------------------------------------- */
 /* Decode one projection of one expert to its fp16 W_q [in, out] with the backend's decoder
  * (`simd` = 1: the context's SIMD decoder where it has one, else the portable one). */

@@ -406,6 +406,37 @@ cdef class Context:
         if s != MM_OK:
             raise_status(s)
 
+    def route_pointers(self, tuple logits, int top_k, str scoring, bint renormalize, uintptr_t bias, uintptr_t ids,
+                       uintptr_t p, uintptr_t stream=0):
+        """route() on device addresses: logits (address, dtype name, rows, cols); ids int32 and p float32
+        [rows, top_k] are written on `stream` (queued, not waited for)."""
+        cdef mm_tensor tl, ti, tp
+        cdef mm_route_options options
+        cdef mm_status s
+        ptr, dtype, rows, cols = logits
+        tl.data = <void *><uintptr_t>ptr
+        tl.dtype = DTYPES[dtype]
+        tl.rows = rows
+        tl.cols = cols
+        ti.data = <void *>ids
+        ti.dtype = MM_I32
+        ti.rows = rows
+        ti.cols = top_k
+        tp.data = <void *>p
+        tp.dtype = MM_F32
+        tp.rows = rows
+        tp.cols = top_k
+        mm_route_options_init(&options)
+        options.top_k = top_k
+        options.scoring = MM_SCORING_SOFTMAX if scoring == "softmax" else MM_SCORING_SIGMOID
+        options.renormalize = renormalize
+        options.bias = <const float *>bias
+        options.stream = <void *>stream
+        with nogil:
+            s = mm_route(self.ctx, &tl, &options, &ti, &tp)
+        if s != MM_OK:
+            raise_status(s)
+
     def counters(self):
         """(fp16 tiles re-run with fp32 sums, invalid expert ids seen) since the context was made."""
         cdef uint64_t reruns = 0, invalid = 0

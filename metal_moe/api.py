@@ -255,7 +255,7 @@ def fused_moe(x, ids=None, p=None, weights=None, *, router_logits=None, top_k=No
     if router_logits is not None:
         if ids is not None or p is not None:
             raise ValueError("router_logits: pass either ids and p or router_logits, not both")
-        ids, p = _route_native(router_logits, weights, top_k, scoring, bias, renormalize, backend, context)
+        ids, p = _route_native(router_logits, weights, top_k, scoring, bias, renormalize, backend, context, stream)
     elif top_k is not None or bias is not None:
         raise ValueError("top_k/bias: only used with router_logits")
     if ids is None or p is None:
@@ -333,11 +333,10 @@ def fused_moe(x, ids=None, p=None, weights=None, *, router_logits=None, top_k=No
     return out
 
 
-def _route_native(router_logits, weights, top_k, scoring, bias, renormalize, backend, context):
+def _route_native(router_logits, weights, top_k, scoring, bias, renormalize, backend, context, stream=None):
     """ids (int32) and p (float32) for router_logits through the native router."""
     if isinstance(weights, DeviceWeights) or is_device_array(router_logits):
-        raise UnsupportedError("router_logits: routing on the cuda backend is not implemented yet; route with "
-                               "metal_moe.reference.route or your model's router and pass ids and p")
+        return _route_device(router_logits, weights, top_k, scoring, bias, renormalize, context, stream)
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected MoEWeights, got {type(weights).__name__}")
     if scoring not in ("softmax", "sigmoid"):
@@ -360,6 +359,50 @@ def _route_native(router_logits, weights, top_k, scoring, bias, renormalize, bac
     p = np.empty((logits.shape[0], int(top_k)), np.float32)
     ctx.route(_storage(logits), label, int(top_k), scoring, bool(renormalize), bias, ids, p)
     return ids, p
+
+
+def _route_device(router_logits, weights, top_k, scoring, bias, renormalize, context, stream=None):
+    """ids and p on the device, written by the CUDA router on the call's stream (no host sync)."""
+    if not isinstance(weights, DeviceWeights):
+        raise TypeError(f"weights: {type(weights).__name__} on the host, but router_logits is on a CUDA device; "
+                        "upload them once with weights.to('cuda')")
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"top_k: expected an integer, got {type(top_k).__name__}")
+    if not is_device_array(router_logits):
+        raise ValueError("router_logits: is a host array but the weights are on a CUDA device")
+    li = _device_info(router_logits, "router_logits", _ACTIVATIONS, weights.device)
+    if li.shape[1] != weights.experts:
+        raise ValueError(f"router_logits: expected shape [tokens, {weights.experts}] (experts), got {li.shape}")
+    infos = [li]
+    bias_ptr = 0
+    if bias is not None:
+        bi = array_info(bias, "bias")
+        if bi.dtype != "float32" or bi.shape != (weights.experts,) or not bi.contiguous:
+            raise ValueError(f"bias: expected a contiguous float32 CUDA array of shape ({weights.experts},)")
+        bias_ptr = bi.ptr
+        infos.append(bi)
+    ids = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "int32", weights.device)
+    p = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "float32", weights.device)
+    ctx = context if context is not None else _default_context("cuda", weights.device)
+    handle = current_stream(stream, infos, weights.device)
+    ctx.route_pointers((li.ptr, li.dtype, li.shape[0], li.shape[1]), int(top_k), scoring, bool(renormalize), bias_ptr,
+                       array_info(ids, "ids").ptr, array_info(p, "p").ptr, handle)
+    return ids, p
+
+
+def _empty_device(like, info, shape, dtype, device):
+    """A new device array of `shape`/`dtype` from the library `like` comes from (torch, cupy, ours)."""
+    if info.kind == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device, memory_format=torch.contiguous_format)
+    if type(like).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy.empty(shape, dtype=dtype)
+    return DeviceArray(shape, dtype, device)
 
 
 def _check_rsf(routed_scaling_factor):
@@ -449,16 +492,8 @@ def _device_info(value, name, allowed, device):
 
 
 def _empty_like(x, info, device):
-    if info.kind == "torch":
-        import torch
-
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy.empty_like(x)
-    dtype = "uint16" if info.dtype == "bfloat16" else info.dtype
-    return DeviceArray(info.shape, dtype, device)
+    return _empty_device(x, info, info.shape, "uint16" if info.dtype == "bfloat16" and info.kind != "torch" else
+                         info.dtype, device)
 
 
 def _finite(arr, label):

@@ -360,3 +360,35 @@ def test_cupy_arrays_zero_copy():
     cupy.cuda.get_current_stream().synchronize()
     check(cupy.asnumpy(out), reference.moe_forward(x, ids, p, weights("mul1", (2.5, 1.5, 3.5), True)),
           policy.select(16, False, 2.5, 1.5, 3.5).name)
+
+
+@needs_torch
+@pytest.mark.parametrize("scoring,with_bias,renormalize", [("softmax", False, True), ("sigmoid", True, True),
+                                                           ("sigmoid", False, False)])
+def test_router_on_the_device_matches_the_reference(scoring, with_bias, renormalize):
+    w = device_weights("mcg", (4, 2, 3), True)
+    rng = np.random.default_rng(7)
+    for experts, top_k, tokens in ((8, 2, 33), (256, 8, 5), (1000, 16, 3)):
+        logits = (3 * rng.standard_normal((tokens, experts))).astype(np.float32)
+        bias = rng.uniform(-0.2, 0.2, experts).astype(np.float32) if with_bias else None
+        ids = torch.full((tokens, top_k), -1, dtype=torch.int32, device="cuda")
+        p = torch.full((tokens, top_k), float("nan"), device="cuda")
+        lt = torch.from_numpy(logits).cuda()
+        bt = torch.from_numpy(bias).cuda() if bias is not None else None
+        ctx = mm.api._default_context("cuda")
+        ctx.route_pointers((lt.data_ptr(), "float32", tokens, experts), top_k, scoring, renormalize,
+                           0 if bt is None else bt.data_ptr(), ids.data_ptr(), p.data_ptr(),
+                           torch.cuda.current_stream().cuda_stream)
+        ref_ids, ref_p = reference.route(logits, top_k, scoring, renormalize, bias)
+        assert np.array_equal(ids.cpu().numpy(), ref_ids)
+        np.testing.assert_allclose(p.cpu().numpy(), ref_p, rtol=1e-6, atol=1e-30)
+    x, _, _ = inputs(9)
+    logits = rng.standard_normal((9, 8)).astype(np.float32)
+    bias = np.linspace(-0.1, 0.1, 8).astype(np.float32) if with_bias else None
+    out = torch.full((9, HIDDEN), float("nan"), device="cuda")
+    mm.fused_moe(torch.from_numpy(x).cuda(), weights=w, router_logits=torch.from_numpy(logits).cuda(), top_k=2,
+                 scoring=scoring, renormalize=renormalize, out=out,
+                 bias=None if bias is None else torch.from_numpy(bias).cuda())
+    ids, p = reference.route(logits, 2, scoring, renormalize, bias)
+    check(out.cpu().numpy(), reference.moe_forward(x, ids, p, weights("mcg", (4, 2, 3), True)),
+          policy.select(9, False, 4, 2, 3).name)

@@ -387,10 +387,39 @@ mm_status cuda_copy(mm_context *ctx, void *dst, const void *src, size_t bytes)
     return err == cudaSuccess ? MM_OK : cuda_fail(err, "cudaMemcpy");
 }
 
-mm_status cuda_route(mm_context *, const mm_tensor *, const mm_route_options *, const mm_tensor *, const mm_tensor *)
+mm_status cuda_route(mm_context *ctx, const mm_tensor *logits, const mm_route_options *o, const mm_tensor *ids,
+                     const mm_tensor *p)
 {
-    return mm_fail(MM_ERR_UNSUPPORTED, "router_logits: routing on the cuda backend is not implemented yet; route with "
-                   "metal_moe.reference.route or your model's router and pass ids and p");
+    CudaContext *c = impl(ctx);
+    DeviceGuard guard(c->device);
+    if (guard.err != cudaSuccess) return cuda_fail(guard.err, "cudaSetDevice");
+    mm_status s;
+    if ((s = check_device_pointer(logits->data, c->device, "logits")) ||
+        (s = check_device_pointer(ids->data, c->device, "ids")) || (s = check_device_pointer(p->data, c->device, "p")) ||
+        (s = check_device_pointer(o->bias, c->device, "bias")))
+        return s;
+    if (logits->cols > 32 * mm::ROUTE_MAX_PER_LANE)
+        return mm_fail(MM_ERR_UNSUPPORTED, "logits: the cuda router takes at most %d experts, got %lld",
+                       32 * mm::ROUTE_MAX_PER_LANE, (long long)logits->cols);
+    if (o->top_k > mm::ROUTE_MAX_TOP_K)
+        return mm_fail(MM_ERR_UNSUPPORTED, "top_k: the cuda router takes at most %d, got %d", mm::ROUTE_MAX_TOP_K,
+                       o->top_k);
+    if (logits->rows == 0) return MM_OK;
+    mm::RouteArgs r;
+    r.logits = logits->data;
+    r.bias = o->bias;
+    r.ids = static_cast<int32_t *>(ids->data);
+    r.p = static_cast<float *>(p->data);
+    r.tokens = logits->rows;
+    r.experts = static_cast<int32_t>(logits->cols);
+    r.top_k = o->top_k;
+    r.dtype = logits->dtype;
+    r.sigmoid = o->scoring == MM_SCORING_SIGMOID;
+    r.renormalize = o->renormalize != 0;
+    const int64_t threads = 32 * logits->rows;
+    mm::mm_route_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, static_cast<cudaStream_t>(o->stream)>>>(r);
+    cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? MM_OK : cuda_fail(err, "launch of mm_route_kernel");
 }
 
 const mm_backend_ops cuda_ops = {

@@ -762,6 +762,81 @@ __global__ void __launch_bounds__(COMBINE_THREADS) mm_combine(const mm_cuda_args
     for (int i = 0; i < 4; ++i) store_act(a.out, a.out_dtype, t * H + h0 + i, acc[i]);
 }
 
+/* ---- routing: top-k from router logits, one warp per token (mm_route) ----------------------------- */
+/* Double precision, as metal_moe.reference.route: softmax or sigmoid scores, the experts with the
+ * largest score + bias in decreasing order (ties to the lower index), their scores renormalised. */
+constexpr int ROUTE_MAX_PER_LANE = 32;       /* experts <= 1024 */
+constexpr int ROUTE_MAX_TOP_K = 64;
+
+struct RouteArgs {
+    const void *logits;
+    const float *bias;                       /* NULL or [experts] */
+    int32_t *ids;
+    float *p;
+    int64_t tokens;
+    int32_t experts, top_k, dtype, sigmoid, renormalize;
+};
+
+__global__ void __launch_bounds__(256) mm_route_kernel(const RouteArgs r)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+    if (t >= r.tokens) return;
+    double score[ROUTE_MAX_PER_LANE];
+    double top = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i) {
+        const int e = lane + 32 * i;
+        score[i] = e < r.experts ? load_act(r.logits, r.dtype, t * r.experts + e) : -INFINITY;
+        top = fmax(top, score[i]);
+    }
+    for (int o = 16; o; o >>= 1) top = fmax(top, __shfl_xor_sync(0xffffffffu, top, o));
+    double sum = 0.0;
+#pragma unroll
+    for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i) {
+        const int e = lane + 32 * i;
+        if (e < r.experts) {
+            score[i] = r.sigmoid ? 1.0 / (1.0 + exp(-score[i])) : exp(score[i] - top);
+            sum += score[i];
+        }
+    }
+    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (!r.sigmoid) {
+#pragma unroll
+        for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i) score[i] /= sum;
+    }
+    unsigned taken = 0;                      /* per lane: bit i = expert lane + 32 i chosen */
+    double picked = 0.0, sel[ROUTE_MAX_TOP_K];
+    for (int j = 0; j < r.top_k; ++j) {
+        double best = -INFINITY;
+        int best_e = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i) {
+            const int e = lane + 32 * i;
+            if (e >= r.experts || (taken >> i) & 1u) continue;
+            const double choice = score[i] + (r.bias ? static_cast<double>(r.bias[e]) : 0.0);
+            if (choice > best) best = choice, best_e = e;    /* e increases with i: ties keep the lower */
+        }
+        for (int o = 16; o; o >>= 1) {
+            const double ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+            if (ob > best || (ob == best && oe < best_e)) best = ob, best_e = oe;
+        }
+        double s = 0.0;
+#pragma unroll
+        for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i)
+            if (lane + 32 * i == best_e) s = score[i], taken |= 1u << i;
+        for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);   /* one lane holds it */
+        picked += s;
+        sel[j] = s;
+        if (lane == 0) r.ids[t * r.top_k + j] = best_e;
+    }
+    if (lane == 0) {
+        const double norm = r.renormalize ? (picked > 1e-20 ? picked : 1e-20) : 1.0;
+        for (int j = 0; j < r.top_k; ++j) r.p[t * r.top_k + j] = static_cast<float>(sel[j] / norm);
+    }
+}
+
 /* ---- decode one projection (tests and tools) ------------------------------------------------------ */
 __global__ void mm_decode(const uint32_t *tiles, int k_tiles, int n_tiles, int kx2, int cb, uint16_t *out)
 {

@@ -34,23 +34,33 @@ _cache = {}
 _cache_lock = threading.Lock()
 
 
+_HOME_CACHE = os.path.join(os.path.expanduser("~"), ".cache")
+
+
 def cache_dir():
     env = os.environ.get("METAL_MOE_CACHE")
     if env:
         return env
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "metal_moe")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or _HOME_CACHE, "metal_moe")
+
+
+_keys = {}
+_paths = {}
 
 
 def device_key(backend, device=0):
     """(backend, device description, library version) of the context a table is measured on; the
-    device description names the processor and kernel set (CPU) or the GPU and its SM count (CUDA)."""
-    from .api import _default_context
-    from .bench import machine_description
+    device description names the processor and kernel set (CPU) or the GPU and its SM count (CUDA).
+    Computed once per process (the policy asks on every call)."""
+    key = _keys.get((backend, device))
+    if key is None:
+        from .api import _default_context
+        from .bench import machine_description
 
-    ctx = _default_context(backend, device)
-    name = f"{machine_description().split(',')[0]}; {ctx.simd}" if backend == "cpu" else ctx.simd
-    return (backend, name, __version__)
+        ctx = _default_context(backend, device)
+        name = f"{machine_description().split(',')[0]}; {ctx.simd}" if backend == "cpu" else ctx.simd
+        key = _keys[(backend, device)] = (backend, name, __version__)
+    return key
 
 
 def table_path(key):
@@ -67,7 +77,9 @@ def load(backend, device=0):
         key = device_key(backend, device)
     except Exception:
         return None
-    path = table_path(key)
+    path = _paths.get((key, cache_dir()))
+    if path is None:
+        path = _paths[(key, cache_dir())] = table_path(key)
     try:
         mtime = os.path.getmtime(path)
     except OSError:

@@ -20,7 +20,7 @@ from metal_moe import policy, reference
 
 from conftest import moe_case_path, single_layer_vectors
 
-HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 256, 384, 8, 2
+HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 256, 384, 8, 2     # hidden < 1024: the policy's auto fp32 rule is off
 TOL = {True: 4e-3, False: 1e-2}      # keyed by "accumulates in fp32"
 BITS = [(6, 2, 3), (4, 2, 3), (1, 8, 5), (6, 3, 4), (6, 2, 4)]
 HALF_BITS = [(2.5, 1.5, 3.5)]        # mul1 only

@@ -29,6 +29,7 @@ def test_example_program_builds_and_runs(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "forward ok" in run.stdout and "all checks passed" in run.stdout
+    assert "routed forward ok: ids in range and weights summing to 1 = yes" in run.stdout
     assert "ids: expert index 4" in run.stdout
 
 

@@ -124,6 +124,33 @@ int main(void)
         failures += !finite || norm == 0.0;
     }
 
+    /* routing from router logits (softmax top-k, renormalised), then the same forward */
+    float logits[TOKENS * EXPERTS];
+    for (int i = 0; i < TOKENS * EXPERTS; ++i) logits[i] = (float)(next_random() % 2001) / 500.0f - 2.0f;
+    mm_tensor tl = {logits, MM_F32, TOKENS, EXPERTS};
+    mm_route_options ro;
+    mm_route_options_init(&ro);
+    ro.top_k = TOP_K;
+    ro.scoring = MM_SCORING_SOFTMAX;
+    s = mm_route(ctx, &tl, &ro, &tids, &tp);
+    if (s == MM_OK) s = mm_moe_forward(ctx, &w, &tx, &tids, &tp, &ty, &o);
+    if (s != MM_OK) {
+        fprintf(stderr, "mm_route + mm_moe_forward: %s: %s\n", mm_status_name(s), mm_last_error());
+        failures++;
+    } else {
+        int ok = 1;
+        for (int t = 0; t < TOKENS; ++t) {
+            float sum = 0.0f;
+            for (int j = 0; j < TOP_K; ++j) {
+                ok &= ids[t * TOP_K + j] >= 0 && ids[t * TOP_K + j] < EXPERTS;
+                sum += p[t * TOP_K + j];
+            }
+            ok &= fabsf(sum - 1.0f) < 1e-5f;
+        }
+        printf("routed forward ok: ids in range and weights summing to 1 = %s\n", ok ? "yes" : "no");
+        failures += !ok;
+    }
+
     /* a bad call: an expert index out of range is refused before any work */
     ids[1] = EXPERTS;
     s = mm_moe_forward(ctx, &w, &tx, &tids, &tp, &ty, &o);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import numbers
 import os
@@ -383,25 +384,32 @@ def _route_device(router_logits, weights, top_k, scoring, bias, renormalize, con
             raise ValueError(f"bias: expected a contiguous float32 CUDA array of shape ({weights.experts},)")
         bias_ptr = bi.ptr
         infos.append(bi)
-    ids = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "int32", weights.device)
-    p = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "float32", weights.device)
     ctx = context if context is not None else _default_context("cuda", weights.device)
+    if ctx.backend != "cuda" or ctx.device != weights.device:
+        raise ValueError(f"context: is {ctx.backend}:{ctx.device}, but the weights are on cuda:{weights.device}")
     handle = current_stream(stream, infos, weights.device)
+    ids = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "int32", weights.device, handle)
+    p = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "float32", weights.device, handle)
     ctx.route_pointers((li.ptr, li.dtype, li.shape[0], li.shape[1]), int(top_k), scoring, bool(renormalize), bias_ptr,
                        array_info(ids, "ids").ptr, array_info(p, "p").ptr, handle)
     return ids, p
 
 
-def _empty_device(like, info, shape, dtype, device):
-    """A new device array of `shape`/`dtype` from the library `like` comes from (torch, cupy, ours)."""
+def _empty_device(like, info, shape, dtype, device, stream=None):
+    """A new device array of `shape`/`dtype` from the library `like` comes from (torch, cupy, ours).
+    torch/cupy: allocated for `stream` (when given), so their caching allocators do not hand the
+    memory to another stream while the call's kernels still use it."""
     if info.kind == "torch":
         import torch
 
-        return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device, memory_format=torch.contiguous_format)
+        ctx = torch.cuda.stream(torch.cuda.ExternalStream(stream)) if stream else contextlib.nullcontext()
+        with ctx:
+            return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
     if type(like).__module__.split(".")[0] == "cupy":
         import cupy
 
-        return cupy.empty(shape, dtype=dtype)
+        with cupy.cuda.ExternalStream(stream) if stream else contextlib.nullcontext():
+            return cupy.empty(shape, dtype=dtype)
     return DeviceArray(shape, dtype, device)
 
 
@@ -492,8 +500,11 @@ def _device_info(value, name, allowed, device):
 
 
 def _empty_like(x, info, device):
-    return _empty_device(x, info, info.shape, "uint16" if info.dtype == "bfloat16" and info.kind != "torch" else
-                         info.dtype, device)
+    if info.kind == "torch":
+        import torch
+
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _empty_device(x, info, info.shape, "uint16" if info.dtype == "bfloat16" else info.dtype, device)
 
 
 def _finite(arr, label):

@@ -392,3 +392,23 @@ def test_router_on_the_device_matches_the_reference(scoring, with_bias, renormal
     ids, p = reference.route(logits, 2, scoring, renormalize, bias)
     check(out.cpu().numpy(), reference.moe_forward(x, ids, p, weights("mcg", (4, 2, 3), True)),
           policy.select(9, False, 4, 2, 3).name)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_split_k_matches_the_reference_and_is_deterministic(batch):
+    """Small batches of wide layers split K across CTAs (the fp32 variants): each split spans
+    several staging chunks here, and the last CTA adds the partials in a fixed order."""
+    w = mm.MoEWeights.random(hidden=1024, intermediate=1536, experts=8, bits=(6, 2, 3), shared=True, seed=21)
+    rng = np.random.default_rng(batch)
+    x = rng.standard_normal((batch, 1024)).astype(np.float16)
+    ids, p = reference.route(rng.standard_normal((batch, 8)), 2)
+    ref = reference.moe_forward(x, ids, p, w)
+    dw = w.to("cuda")
+    for variant in (policy.DECODE, policy.PREFILL4 + "_fp32acc", policy.SIMD):
+        outs = []
+        for _ in range(2):
+            out = poisoned((batch, 1024))
+            mm.fused_moe(dev(x), dev(ids), dev(p), dw, kernel=variant, out=out)
+            outs.append(out.numpy())
+        check(outs[0], ref, variant)
+        assert np.array_equal(outs[0], outs[1]), variant

@@ -170,7 +170,7 @@ size_t align_up(size_t n) { return (n + 255) & ~static_cast<size_t>(255); }
  * fill the GPU; otherwise the split count in 2..MAX_SPLIT that minimises waves / splits. */
 int choose_splits(const Launcher &L, int64_t items, int ktiles, int capacity)
 {
-    if (!L.splittable || items >= capacity || items > MAX_SPLIT_ITEMS) return 1;
+    if (!L.splittable || items > MAX_SPLIT_ITEMS) return 1;
     const int steps = ktiles / L.step_tiles;
     int best = 1;
     double best_cost = static_cast<double>((items + capacity - 1) / capacity);
@@ -225,9 +225,9 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
                        (int)(slots / call->tokens));
     const int64_t max_tiles = std::min<int64_t>(slots, slots / L.tokens + std::min<int64_t>(nexp, slots));
     const int sms = c->props.multiProcessorCount;
-    const int split_gu = choose_splits(L, max_tiles * (I / mm::COLS), H / 16, sms * c->blocks_per_sm[call->variant_id][0]);
-    const int split_dn = choose_splits(L, max_tiles * (H / mm::COLS), I / 16, sms * c->blocks_per_sm[call->variant_id][1]);
-    const size_t partial_floats = std::max<size_t>(
+    int split_gu = choose_splits(L, max_tiles * (I / mm::COLS), H / 16, sms * c->blocks_per_sm[call->variant_id][0]);
+    int split_dn = choose_splits(L, max_tiles * (H / mm::COLS), I / 16, sms * c->blocks_per_sm[call->variant_id][1]);
+    size_t partial_floats = std::max<size_t>(
         split_gu > 1 ? 2ull * max_tiles * (I / mm::COLS) * split_gu * L.tokens * mm::COLS : 0,
         split_dn > 1 ? 1ull * max_tiles * (H / mm::COLS) * split_dn * L.tokens * mm::COLS : 0);
 
@@ -239,7 +239,7 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const size_t off_tiles = off_order + align_up(1ull * slots * 4);
     const size_t off_ntiles = off_tiles + align_up(1ull * max_tiles * sizeof(mm_cuda_tile));
     const size_t off_partial = off_ntiles + 256;
-    const size_t need = off_partial + align_up(partial_floats * 4);
+    size_t need = off_partial + align_up(partial_floats * 4);
 
     cudaStream_t stream = static_cast<cudaStream_t>(call->stream);
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -248,6 +248,13 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const bool capturing = capture != cudaStreamCaptureStatusNone;
 
     std::lock_guard<std::mutex> hold(c->lock);
+    if (capturing && c->workspace.bytes < need && c->workspace.bytes >= off_partial) {
+        /* a capture must not allocate: a call whose only extra need is split-K partials (a small
+         * batch after a warm-up at a larger one) runs unsplit instead */
+        split_gu = split_dn = 1;
+        partial_floats = 0;
+        need = off_partial;
+    }
     if (c->workspace.bytes < need) {
         if (capturing)
             return mm_fail(MM_ERR_UNSUPPORTED,
@@ -466,7 +473,8 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         (err = cudaMemset(c->counters, 0, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaEventCreateWithFlags(&c->last_done, cudaEventDisableTiming)) != cudaSuccess ||
         (err = cudaMalloc(&c->tickets, MAX_SPLIT_ITEMS * sizeof(int32_t))) != cudaSuccess ||
-        (err = cudaMemset(c->tickets, 0, MAX_SPLIT_ITEMS * sizeof(int32_t))) != cudaSuccess) {
+        (err = cudaMemset(c->tickets, 0, MAX_SPLIT_ITEMS * sizeof(int32_t))) != cudaSuccess ||
+        (err = cudaDeviceSynchronize()) != cudaSuccess) {          /* zeroed before any stream uses them */
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }

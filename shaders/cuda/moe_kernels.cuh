@@ -461,7 +461,11 @@ __device__ __forceinline__ bool reduce_splits(const mm_cuda_args &a, int count, 
     }
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&a.tickets[item], 1) == splits - 1;
+    /* atomicInc wraps to 0 after splits - 1: the ticket is back at zero for the next call even if an
+     * earlier one was interrupted */
+    if (threadIdx.x == 0)
+        last = atomicInc(reinterpret_cast<unsigned *>(&a.tickets[item]), static_cast<unsigned>(splits - 1)) ==
+               static_cast<unsigned>(splits - 1);
     __syncthreads();
     if (!last) return false;
     __threadfence();
@@ -474,7 +478,6 @@ __device__ __forceinline__ bool reduce_splits(const mm_cuda_args &a, int count, 
 #pragma unroll
         for (int k = 1; k < C::WK; ++k) ep[((k * NMAT + m) * C::T + t) * EP_STRIDE + col] = 0.0f;
     }
-    if (threadIdx.x == 0) a.tickets[item] = 0;
     __syncthreads();
     return true;
 }
@@ -764,7 +767,9 @@ __global__ void __launch_bounds__(COMBINE_THREADS) mm_combine(const mm_cuda_args
 
 /* ---- routing: top-k from router logits, one warp per token (mm_route) ----------------------------- */
 /* Double precision, as metal_moe.reference.route: softmax or sigmoid scores, the experts with the
- * largest score + bias in decreasing order (ties to the lower index), their scores renormalised. */
+ * largest score + bias in decreasing order (ties to the lower index), their scores renormalised.
+ * The logits are not checked (the host router refuses non-finite ones): a non-finite logit gives
+ * that token NaN weights, and ids the forward counts as invalid (its output row is then NaN). */
 constexpr int ROUTE_MAX_PER_LANE = 32;       /* experts <= 1024 */
 constexpr int ROUTE_MAX_TOP_K = 64;
 

@@ -4,6 +4,7 @@ Metal qualifiers, types and built-ins the shaders use (it documents what it cann
 spaces, attributes, Metal's own limits).  Every variant's kernels are instantiated, and the shared
 header's Metal branch is compiled, so a typo or a type error in either fails here."""
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -43,3 +44,23 @@ def test_the_check_catches_errors(tmp_path):
     (tmp_path / "broken.metal").write_text(broken)
     result = syntax_check(tmp_path / "broken.metal")
     assert result.returncode != 0 and "stt" in result.stderr
+
+
+METAL_KEYWORDS = ("half", "device", "constant", "threadgroup", "thread", "kernel", "vertex", "fragment", "sampler",
+                  "texture", "visible", "patch", "stage_in")
+
+
+def _code(path):
+    """The file without comments and string literals."""
+    text = path.read_text()
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", " ", text)
+    return re.sub(r'"(\\.|[^"\\])*"', '""', text)
+
+
+def test_the_shared_header_uses_no_metal_keyword_as_a_name():
+    """Metal reserves these words; the compatibility header cannot (a C++ variable may be called
+    `half`), so the shared header, plain C for every backend, must not use them at all."""
+    code = _code(ROOT / "shaders" / "common" / "mm_exl3.h")
+    used = sorted({w for w in METAL_KEYWORDS if re.search(rf"\b{w}\b", code)})
+    assert not used, f"Metal keywords used as names in mm_exl3.h: {used}"

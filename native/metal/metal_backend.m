@@ -49,22 +49,35 @@ typedef struct mm_metal_tile {
 @property(nonatomic, strong) NSMutableDictionary<NSString *, id<MTLComputePipelineState>> *pipelines;
 @property(nonatomic, strong) NSLock *lock;
 @property(nonatomic, strong) id<MTLBuffer> workspace;
-@property(nonatomic, copy) NSString *simd;
+@property(nonatomic) char *simd;            /* malloc'ed, freed in dealloc */
 @end
 
 @implementation MMMetalContext
+- (void)dealloc
+{
+    free(_simd);
+}
 @end
 
 static MMMetalContext *mm_metal(const mm_context *ctx) { return (__bridge MMMetalContext *)ctx->impl; }
 
+/* The devices the kernels run on: Apple7 (M1) or newer, which has simdgroup matrices.  Intel and
+ * AMD GPUs and the paravirtual device of macOS virtual machines (hosted CI runners) are left out,
+ * so `metal_moe.backends()` lists metal only where it can run. */
 static NSArray<id<MTLDevice>> *mm_metal_devices(void)
 {
+    NSMutableArray<id<MTLDevice>> *usable = [NSMutableArray new];
+    if (@available(macOS 11.0, *)) {
 #if TARGET_OS_OSX
-    return MTLCopyAllDevices();
+        NSArray<id<MTLDevice>> *all = MTLCopyAllDevices();
 #else
-    id<MTLDevice> d = MTLCreateSystemDefaultDevice();
-    return d ? @[ d ] : @[];
+        id<MTLDevice> d = MTLCreateSystemDefaultDevice();
+        NSArray<id<MTLDevice>> *all = d ? @[ d ] : @[];
 #endif
+        for (id<MTLDevice> candidate in all)
+            if ([candidate supportsFamily:MTLGPUFamilyApple7]) [usable addObject:candidate];
+    }
+    return usable;
 }
 
 int mm_metal_device_count(void)
@@ -88,10 +101,7 @@ static const char *mm_metal_suffix(int variant_id)
     }
 }
 
-static int mm_metal_tokens_per_tile(int variant_id)
-{
-    return variant_id == MM_VARIANT_LARGE_BATCH ? 32 : mm_variants[variant_id].tokens_per_tile;
-}
+static int mm_metal_tokens_per_tile(int variant_id) { return mm_variants[variant_id].tokens_per_tile; }
 
 static mm_status mm_metal_error(NSError *error, const char *what)
 {
@@ -127,6 +137,11 @@ static id<MTLComputePipelineState> mm_metal_pipeline(MMMetalContext *m, const ch
     p = [m.device newComputePipelineStateWithFunction:fn error:&error];
     if (!p) {
         *status = mm_metal_error(error, "creating a compute pipeline");
+        return nil;
+    }
+    if (p.maxTotalThreadsPerThreadgroup < MM_METAL_THREADS) {   /* the kernels assume 8 simdgroups */
+        *status = mm_fail(MM_ERR_UNSUPPORTED, "metal: %s runs at most %lu threads per threadgroup on this device; "
+                          "its kernels need %d", name, (unsigned long)p.maxTotalThreadsPerThreadgroup, MM_METAL_THREADS);
         return nil;
     }
     [m.lock lock];
@@ -243,13 +258,26 @@ static mm_status mm_metal_forward(mm_context *ctx, const mm_forward_call *call)
         id<MTLBuffer> bp = mm_metal_wrap(m, call->p, (size_t)routed * act_size[1], &unused);
         id<MTLBuffer> bout = mm_metal_wrap(m, call->out, (size_t)call->tokens * H * act_size[2], &copied_out);
         id<MTLBuffer> wb[2][3][3];          /* [routed, shared][gate, up, down][trellis, suh, svh] */
+        int wrapped = bx && bp && bout;
         for (int r = 0; r < 2; ++r) {
             for (int i = 0; i < 3; ++i) {
-                const mm_projection *pr = r && w->has_shared ? shared_p[i] : routed_p[i];
-                const int in = i == 2 ? I : H, out = i == 2 ? H : I, ex = r && w->has_shared ? 1 : E;
-                const void *ptrs[3] = {pr->trellis, pr->suh, pr->svh};
-                for (int j = 0; j < 3; ++j) wb[r][i][j] = mm_metal_wrap(m, ptrs[j], mm_projection_bytes(pr, in, out, ex, j), &unused);
+                const int in = i == 2 ? I : H, out = i == 2 ? H : I;
+                for (int j = 0; j < 3; ++j) {
+                    if (r && !w->has_shared) {   /* no shared expert: its slots are never used */
+                        wb[r][i][j] = wb[0][i][j];
+                        continue;
+                    }
+                    const mm_projection *pr = r ? shared_p[i] : routed_p[i];
+                    const void *ptrs[3] = {pr->trellis, pr->suh, pr->svh};
+                    wb[r][i][j] = mm_metal_wrap(m, ptrs[j], mm_projection_bytes(pr, in, out, r ? 1 : E, j), &unused);
+                    wrapped &= wb[r][i][j] != nil;
+                }
             }
+        }
+        if (!wrapped) {
+            free(slot_expert), free(order), free(tiles);
+            return mm_fail(MM_ERR_OUT_OF_MEMORY, "metal: cannot create buffers over the arrays (too large for this "
+                           "device, or out of memory)");
         }
         /* workspace: xin [2][slots][H] half, act [slots][I] half, down [slots][H] float, then the tables */
         const size_t off_act = (size_t)2 * slots * H * 2, off_down = off_act + (size_t)slots * I * 2;
@@ -347,7 +375,7 @@ static void mm_metal_destroy(mm_context *ctx)
 
 static int mm_metal_num_threads(const mm_context *ctx) { (void)ctx; return 0; }
 
-static const char *mm_metal_simd(const mm_context *ctx) { return mm_metal(ctx).simd.UTF8String; }
+static const char *mm_metal_simd(const mm_context *ctx) { return mm_metal(ctx).simd; }
 
 static int mm_metal_has_variant(int variant_id) { return variant_id >= 0 && variant_id < MM_VARIANT_COUNT; }
 
@@ -387,10 +415,7 @@ mm_status mm_metal_context_init(mm_context *ctx, const mm_context_options *optio
             return mm_fail(MM_ERR_INVALID_VALUE, "device: %d is not a Metal device (there are %lu)", ctx->device,
                            (unsigned long)devices.count);
         MMMetalContext *m = [MMMetalContext new];
-        m.device = devices[(NSUInteger)ctx->device];
-        if (![m.device supportsFamily:MTLGPUFamilyApple7])
-            return mm_fail(MM_ERR_UNSUPPORTED, "device: %s lacks the Apple7 GPU family (simdgroup matrices); "
-                           "the metal kernels need Apple silicon M1 or newer", m.device.name.UTF8String);
+        m.device = devices[(NSUInteger)ctx->device];      /* Apple7 or newer (mm_metal_devices) */
         m.queue = [m.device newCommandQueue];
         NSString *path = mm_metal_library_path();
         NSError *error = nil;
@@ -400,7 +425,7 @@ mm_status mm_metal_context_init(mm_context *ctx, const mm_context_options *optio
                            path ? path.UTF8String : "(no path)", error ? error.localizedDescription.UTF8String : "");
         m.pipelines = [NSMutableDictionary new];
         m.lock = [NSLock new];
-        m.simd = [NSString stringWithFormat:@"metal (%@)", m.device.name];
+        m.simd = strdup([NSString stringWithFormat:@"metal (%@)", m.device.name].UTF8String);
         ctx->impl = (__bridge_retained void *)m;
         ctx->ops = &mm_metal_ops;
         return MM_OK;

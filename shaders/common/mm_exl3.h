@@ -153,17 +153,17 @@ MM_FN mm_u32 mm_float_to_half(float f)
         mm_u32 e = ax >> 23;                                 /* 102..112 */
         mm_u32 man = (ax & 0x7FFFFFu) | 0x800000u;
         mm_u32 shift = 126u - e;                             /* 14..24 */
-        mm_u32 half = man >> shift;
+        mm_u32 hb = man >> shift;                            /* (`half` is a type in Metal) */
         mm_u32 rest = man & ((1u << shift) - 1u);
         mm_u32 mid = 1u << (shift - 1u);
-        if (rest > mid || (rest == mid && (half & 1u))) half += 1u;
-        return sign | half;
+        if (rest > mid || (rest == mid && (hb & 1u))) hb += 1u;
+        return sign | hb;
     }
     mm_u32 r = ax - 0x38000000u;                             /* rebias exponent 127 -> 15 */
-    mm_u32 half = r >> 13;
+    mm_u32 hb = r >> 13;
     mm_u32 rest = r & 0x1FFFu;
-    if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) half += 1u;
-    return sign | half;
+    if (rest > 0x1000u || (rest == 0x1000u && (hb & 1u))) hb += 1u;
+    return sign | hb;
 }
 
 /* Round a float to the nearest fp16 value, returned as float. */

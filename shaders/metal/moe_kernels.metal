@@ -171,8 +171,9 @@ static inline void gemm(thread const mm_proj *proj, device const half *xbase, in
                     device const half *xr = xbase + m * mat_stride + slot_s[t] * kdim;
                     const float x0 = float(xr[r0]), x1 = float(xr[r0 + 1]), x8 = float(xr[r0 + 8]), x9 = float(xr[r0 + 9]);
                     // positions j: 0 (2c, g) 1 (2c+1, g) 2 (2c+8, g) 3 (2c+9, g), 4..7 the same rows at g+8
-                    acc[m][t][0] += acc_t(w[0] * x0 + w[1] * x1 + w[2] * x8 + w[3] * x9);
-                    acc[m][t][1] += acc_t(w[4] * x0 + w[5] * x1 + w[6] * x8 + w[7] * x9);
+                    // the running sum is rounded once per 16-row k-slice (fp16 variants), as on the CPU
+                    acc[m][t][0] = acc_t(float(acc[m][t][0]) + (w[0] * x0 + w[1] * x1 + w[2] * x8 + w[3] * x9));
+                    acc[m][t][1] = acc_t(float(acc[m][t][1]) + (w[4] * x0 + w[5] * x1 + w[6] * x8 + w[7] * x9));
                 }
             }
         }
@@ -191,7 +192,7 @@ static inline void gemm(thread const mm_proj *proj, device const half *xbase, in
         constexpr int TB = (T + 7) / 8;
         simdgroup_float8x8 acc[NMAT][TB][2];
         for (int m = 0; m < NMAT; ++m)
-            for (int b = 0; b < TB; ++b) acc[m][b][0] = acc[m][b][1] = simdgroup_float8x8(0.0f);
+            for (int b = 0; b < TB; ++b) acc[m][b][0] = acc[m][b][1] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
         threadgroup float *wt = scratch + int(sg) * 256;                         // [16][16] weights
         threadgroup float *st = wt;                                               // [8][16] staging, after the loop
         threadgroup float *xt = scratch + 8 * 256;                                // [NMAT][8 TB][16] inputs
@@ -272,8 +273,8 @@ kernel void mm_gate_up(constant mm_metal_args &a [[buffer(0)]],
     proj[1].kx2 = shared ? a.kx2[1][1] : fc_kx2_up;
     proj[1].cb = shared ? a.codebook[1][1] : fc_cb_up;
     proj[0].n16 = proj[1].n16 = I / 16;
-    proj[0].tiles = (shared ? sh_gate : gate) + e * (H / 16) * (I / 16) * mm_tile_dwords(proj[0].kx2);
-    proj[1].tiles = (shared ? sh_up : up) + e * (H / 16) * (I / 16) * mm_tile_dwords(proj[1].kx2);
+    proj[0].tiles = (shared ? sh_gate : gate) + ulong(e) * ulong(H / 16) * ulong(I / 16) * ulong(mm_tile_dwords(proj[0].kx2));
+    proj[1].tiles = (shared ? sh_up : up) + ulong(e) * ulong(H / 16) * ulong(I / 16) * ulong(mm_tile_dwords(proj[1].kx2));
     gemm<T, F32, ENGINE, 2>(proj, xin, a.slots * H, H, col0, slot_s, tile.count, ep, scratch, tid, sg, lane);
     device const half *sg_ = (shared ? sh_svh_g : svh_g + e * I) + col0;
     device const half *su_ = (shared ? sh_svh_u : svh_u + e * I) + col0;
@@ -321,7 +322,7 @@ kernel void mm_down(constant mm_metal_args &a [[buffer(0)]],
     proj[0].kx2 = shared ? a.kx2[1][2] : fc_kx2_down;
     proj[0].cb = shared ? a.codebook[1][2] : fc_cb_down;
     proj[0].n16 = H / 16;
-    proj[0].tiles = (shared ? sh_down_w : down_w) + e * (I / 16) * (H / 16) * mm_tile_dwords(proj[0].kx2);
+    proj[0].tiles = (shared ? sh_down_w : down_w) + ulong(e) * ulong(I / 16) * ulong(H / 16) * ulong(mm_tile_dwords(proj[0].kx2));
     gemm<T, F32, ENGINE, 1>(proj, act, 0, I, col0, slot_s, tile.count, ep, scratch, tid, sg, lane);
     device const half *sv = (shared ? sh_svh : svh + e * H) + col0;
     const int cl = 4 * int(lane);

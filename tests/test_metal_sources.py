@@ -24,7 +24,7 @@ pytestmark = [
 def syntax_check(path):
     cmd = [COMPILER, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-Wno-attributes",
            "-Wno-unknown-attributes", "-x", "c++", "-D__METAL_VERSION__=310", "-I", str(SHADERS / "compat"),
-           "-I", str(ROOT / "shaders" / "common"), str(path)]
+           "-I", str(ROOT / "shaders" / "common"), "-I", str(SHADERS), str(path)]
     if "clang" not in Path(COMPILER).name:
         cmd.remove("-Wno-unknown-attributes")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)

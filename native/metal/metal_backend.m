@@ -25,19 +25,7 @@
 #include "mm_exl3.h"
 #include "mm_internal.h"
 
-/* Must match struct mm_metal_args / mm_metal_tile in moe_kernels.metal (all 32-bit fields). */
-typedef struct mm_metal_args {
-    int32_t hidden, intermediate, experts, has_shared, top_k;
-    int32_t tokens, slots;
-    int32_t x_dtype, p_dtype, out_dtype;
-    float routed_scaling_factor;
-    int32_t kx2[2][3];
-    int32_t codebook[2][3];
-} mm_metal_args;
-
-typedef struct mm_metal_tile {
-    int32_t expert, first, count, unused;
-} mm_metal_tile;
+#include "mm_metal_args.h"          /* the kernels' argument layout (shaders/metal/) */
 
 #define MM_METAL_COLS 128
 #define MM_METAL_THREADS 256

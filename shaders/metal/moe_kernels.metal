@@ -41,19 +41,8 @@ constant int fc_cb_gate [[function_constant(3)]];
 constant int fc_cb_up [[function_constant(4)]];
 constant int fc_cb_down [[function_constant(5)]];
 
-// ---- the arguments (one constant buffer) ---------------------------------------------------
-struct mm_metal_args {
-    int hidden, intermediate, experts, has_shared, top_k;
-    int tokens, slots;
-    int x_dtype, p_dtype, out_dtype;          // mm_dtype: 0 f16, 1 bf16, 2 f32
-    float routed_scaling_factor;
-    int kx2[2][3];                            // [routed, shared][gate, up, down]
-    int codebook[2][3];
-};
-
-struct mm_metal_tile {
-    int expert, first, count, unused;
-};
+// ---- the arguments (one constant buffer; the layout is shared with the host) -------------------
+#include "mm_metal_args.h"
 
 constant constexpr int COLS = 128;
 constant constexpr int EP_STRIDE = COLS + 4;

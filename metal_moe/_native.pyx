@@ -229,13 +229,39 @@ cdef class _Buffers:
             PyBuffer_Release(&self.views[i])
 
 
+cdef const void *array_address(object a, _Buffers bufs) except? NULL:
+    """A buffer-protocol array's data (held by bufs), or an integer address when bufs is None."""
+    if bufs is None:
+        return <const void *><uintptr_t>a
+    return bufs.get(a, False)
+
+
 cdef int fill_projection(mm_projection *pr, object desc, _Buffers bufs) except -1:
     trellis, suh, svh, kx2, codebook = desc
-    pr.trellis = <const int16_t *>bufs.get(trellis, False)
-    pr.suh = <const uint16_t *>bufs.get(suh, False)
-    pr.svh = <const uint16_t *>bufs.get(svh, False)
+    pr.trellis = <const int16_t *>array_address(trellis, bufs)
+    pr.suh = <const uint16_t *>array_address(suh, bufs)
+    pr.svh = <const uint16_t *>array_address(svh, bufs)
     pr.bits_x2 = kx2
     pr.codebook = CODEBOOKS[codebook]
+    return 0
+
+
+cdef int fill_weights(mm_weights *w, tuple weights, _Buffers bufs) except -1:
+    """weights: (hidden, intermediate, experts, gate, up, down, shared) with each projection a
+    (trellis, suh, svh, bits_x2, codebook) tuple of arrays (bufs) or addresses (bufs None), and
+    shared None or a (gate, up, down) tuple."""
+    memset(w, 0, sizeof(w[0]))
+    w.struct_size = sizeof(w[0])
+    hidden, intermediate, experts, gate, up, down, shared = weights
+    w.hidden, w.intermediate, w.experts = hidden, intermediate, experts
+    fill_projection(&w.gate, gate, bufs)
+    fill_projection(&w.up, up, bufs)
+    fill_projection(&w.down, down, bufs)
+    if shared is not None:
+        w.has_shared = 1
+        fill_projection(&w.shared_gate, shared[0], bufs)
+        fill_projection(&w.shared_up, shared[1], bufs)
+        fill_projection(&w.shared_down, shared[2], bufs)
     return 0
 
 
@@ -264,16 +290,6 @@ def dlpack_info(capsule):
     dtype = _DL_CODES.get((t.dtype.code, t.dtype.bits)) if t.dtype.lanes == 1 else None
     ptr = <uintptr_t>t.data + t.byte_offset
     return ptr, shape, strides, dtype, _DL_DEVICES.get(t.device.device_type, str(t.device.device_type)), t.device.device_id
-
-
-cdef int fill_projection_ptrs(mm_projection *pr, object desc) except -1:
-    trellis, suh, svh, kx2, codebook = desc
-    pr.trellis = <const int16_t *><uintptr_t>trellis
-    pr.suh = <const uint16_t *><uintptr_t>suh
-    pr.svh = <const uint16_t *><uintptr_t>svh
-    pr.bits_x2 = kx2
-    pr.codebook = CODEBOOKS[codebook]
-    return 0
 
 
 cdef class Context:
@@ -323,18 +339,7 @@ cdef class Context:
         cdef mm_tensor tx, tids, tp, tout
         cdef mm_forward_options options
         cdef mm_status s
-        memset(&w, 0, sizeof(w))
-        w.struct_size = sizeof(w)
-        hidden, intermediate, experts, gate, up, down, shared = weights
-        w.hidden, w.intermediate, w.experts = hidden, intermediate, experts
-        fill_projection(&w.gate, gate, bufs)
-        fill_projection(&w.up, up, bufs)
-        fill_projection(&w.down, down, bufs)
-        if shared is not None:
-            w.has_shared = 1
-            fill_projection(&w.shared_gate, shared[0], bufs)
-            fill_projection(&w.shared_up, shared[1], bufs)
-            fill_projection(&w.shared_down, shared[2], bufs)
+        fill_weights(&w, weights, bufs)
         fill_tensor(&tx, x, x_dtype, False, bufs)
         fill_tensor(&tids, ids, ids_dtype, False, bufs)
         fill_tensor(&tp, p, p_dtype, False, bufs)
@@ -359,18 +364,7 @@ cdef class Context:
         cdef mm_tensor t[4]
         cdef mm_forward_options options
         cdef mm_status s
-        memset(&w, 0, sizeof(w))
-        w.struct_size = sizeof(w)
-        hidden, intermediate, experts, gate, up, down, shared = weights
-        w.hidden, w.intermediate, w.experts = hidden, intermediate, experts
-        fill_projection_ptrs(&w.gate, gate)
-        fill_projection_ptrs(&w.up, up)
-        fill_projection_ptrs(&w.down, down)
-        if shared is not None:
-            w.has_shared = 1
-            fill_projection_ptrs(&w.shared_gate, shared[0])
-            fill_projection_ptrs(&w.shared_up, shared[1])
-            fill_projection_ptrs(&w.shared_down, shared[2])
+        fill_weights(&w, weights, None)
         for i, (ptr, dtype, rows, cols) in enumerate((x, ids, p, out)):
             t[i].data = <void *><uintptr_t>ptr
             t[i].dtype = DTYPES[dtype]

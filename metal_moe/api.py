@@ -284,12 +284,7 @@ def fused_moe(x, ids=None, p=None, weights=None, *, router_logits=None, top_k=No
     x, x_label = _host_array(x, "x", _ACTIVATIONS)
     ids, ids_label = _host_array(ids, "ids", ("int32", "int64"))
     p, p_label = _host_array(p, "p", _ACTIVATIONS)
-    if x.shape[1] != weights.hidden:
-        raise ValueError(f"x: expected shape [tokens, {weights.hidden}], got {x.shape}")
-    if ids.shape[0] != x.shape[0]:
-        raise ValueError(f"ids: expected {x.shape[0]} rows (one per token of x), got shape {ids.shape}")
-    if p.shape != ids.shape:
-        raise ValueError(f"p: expected the shape of ids {ids.shape}, got {p.shape}")
+    _check_shapes(x.shape, ids.shape, p.shape, weights.hidden)
     if out is None:
         out = np.empty(x.shape, dtype=x.dtype)
         out_label = x_label
@@ -413,6 +408,17 @@ def _empty_device(like, info, shape, dtype, device, stream=None):
     return DeviceArray(shape, dtype, device)
 
 
+def _check_shapes(x, ids, p, hidden):
+    """x [tokens, hidden], ids [tokens, top_k], p the shape of ids (host or device shapes alike)."""
+    x, ids, p = tuple(x), tuple(ids), tuple(p)
+    if x[1] != hidden:
+        raise ValueError(f"x: expected shape [tokens, {hidden}], got {x}")
+    if ids[0] != x[0]:
+        raise ValueError(f"ids: expected {x[0]} rows (one per token of x), got shape {ids}")
+    if p != ids:
+        raise ValueError(f"p: expected the shape of ids {ids}, got {p}")
+
+
 def _check_rsf(routed_scaling_factor):
     if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, numbers.Real):
         raise TypeError(f"routed_scaling_factor: expected a number, got {type(routed_scaling_factor).__name__}")
@@ -456,12 +462,7 @@ def _fused_moe_device(x, ids, p, weights, backend, kernel, use_fp32_acc, out, nu
                              f"{weights.device}; mixing host and device arrays is refused")
         infos[name] = _device_info(value, name, allowed, weights.device)
     xi, ii, pi = infos["x"], infos["ids"], infos["p"]
-    if xi.shape[1] != weights.hidden:
-        raise ValueError(f"x: expected shape [tokens, {weights.hidden}], got {xi.shape}")
-    if ii.shape[0] != xi.shape[0]:
-        raise ValueError(f"ids: expected {xi.shape[0]} rows (one per token of x), got shape {ii.shape}")
-    if pi.shape != ii.shape:
-        raise ValueError(f"p: expected the shape of ids {ii.shape}, got {pi.shape}")
+    _check_shapes(xi.shape, ii.shape, pi.shape, weights.hidden)
     if out is None:
         out = _empty_like(x, xi, weights.device)
     elif not is_device_array(out):

@@ -148,8 +148,7 @@ def run(preset="glm-4.7-flash", batches=(1, 2, 4, 8, 16, 32, 64, 128, 512, 4096)
     props = torch.cuda.get_device_properties(device)
     w0 = random_device_weights(pr, device, seed, torch)
     per_expert = w0.expert_nbytes()
-    shared_bytes = 0 if w0.shared is None else sum(
-        p.in_features * p.out_features * p.bits / 8 + 2 * (p.in_features + p.out_features) for p in w0.shared)
+    shared_bytes = w0.shared_nbytes
     copies = [w0]
     base = Bf16Baseline(torch, pr, seed) if baseline else None
     results = []

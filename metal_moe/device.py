@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .format import check_bits, check_codebook
+from .weights import ExpertBlock
 
 __all__ = ["DeviceArray", "DeviceWeights", "array_info", "current_stream", "is_device_array"]
 
@@ -223,12 +224,17 @@ class _DeviceProjection:
         self.trellis, self.suh, self.svh = trellis, suh, svh
         self.info = infos
 
+    @property
+    def expert_bytes(self):
+        """Bytes of one expert's trellis, suh and svh."""
+        return self.in_features * self.out_features * self.bits / 8 + 2 * (self.in_features + self.out_features)
+
     def descriptor(self):
         t, su, sv = self.info
         return (t.ptr, su.ptr, sv.ptr, int(round(2 * self.bits)), self.codebook)
 
 
-class DeviceWeights:
+class DeviceWeights(ExpertBlock):
     """MoE weights resident on one CUDA device (see :meth:`MoEWeights.to` and :meth:`from_arrays`).
 
     The arrays are borrowed (kept alive by this object) and never copied; the descriptor the
@@ -294,49 +300,19 @@ class DeviceWeights:
             put(w, f"shared.{n}", False) for w, n in zip(weights.shared, ("gate", "up", "down")))
         return cls(*projs, sh, device=device, preset=weights.preset)
 
-    # ---- the MoEWeights-like surface the API, harness and CLI use ----------------------------
-    @property
-    def hidden(self):
-        return self.gate.in_features
-
-    @property
-    def intermediate(self):
-        return self.gate.out_features
-
-    @property
-    def experts(self):
-        return self.gate.experts
-
-    @property
-    def bits(self):
-        return (self.gate.bits, self.up.bits, self.down.bits)
-
-    @property
-    def codebooks(self):
-        return (self.gate.codebook, self.up.codebook, self.down.codebook)
-
-    @property
-    def projections(self):
-        return (self.gate, self.up, self.down)
-
-    @property
-    def top_k(self):
-        return None if self.preset is None else self.preset.top_k
-
+    # ---- sizes (the shape properties come from ExpertBlock) -----------------------------------
     def expert_nbytes(self, e=0):
         """Bytes of one routed expert's three projections."""
-        total = 0
-        for p in self.projections:
-            total += p.in_features * p.out_features * p.bits / 8 + 2 * (p.in_features + p.out_features)
-        return int(total)
+        return int(sum(p.expert_bytes for p in self.projections))
+
+    @property
+    def shared_nbytes(self):
+        """Bytes of the shared expert (0 without one)."""
+        return 0 if self.shared is None else int(sum(p.expert_bytes for p in self.shared))
 
     @property
     def nbytes(self):
-        n = self.experts * self.expert_nbytes()
-        if self.shared is not None:
-            n += sum(p.in_features * p.out_features * p.bits / 8 + 2 * (p.in_features + p.out_features)
-                     for p in self.shared)
-        return int(n)
+        return self.experts * self.expert_nbytes() + self.shared_nbytes
 
     def to(self, backend="cpu", device=None):
         """``"cuda"`` on this device: self.  ``"cpu"``: a host :class:`MoEWeights` (downloads)."""

@@ -72,7 +72,42 @@ def _check_triple(gate, up, down, where):
         )
 
 
-class MoEWeights:
+class ExpertBlock:
+    """The shape of a layer's expert block, read from its ``gate``/``up``/``down`` projections and
+    ``preset``: what host weights (:class:`MoEWeights`) and device-resident ones
+    (:class:`~metal_moe.DeviceWeights`) both offer the API, the harness and the CLI."""
+
+    @property
+    def hidden(self):
+        return self.gate.in_features
+
+    @property
+    def intermediate(self):
+        return self.gate.out_features
+
+    @property
+    def experts(self):
+        return self.gate.experts
+
+    @property
+    def bits(self):
+        return (self.gate.bits, self.up.bits, self.down.bits)
+
+    @property
+    def codebooks(self):
+        return (self.gate.codebook, self.up.codebook, self.down.codebook)
+
+    @property
+    def top_k(self):
+        """The preset's top-k, or None for weights that carry no preset."""
+        return None if self.preset is None else self.preset.top_k
+
+    @property
+    def projections(self):
+        return (self.gate, self.up, self.down)
+
+
+class MoEWeights(ExpertBlock):
     """The routed experts of one MoE layer (stacked gate/up/down) and an optional shared expert.
 
     ``gate``/``up``: hidden -> intermediate, ``down``: intermediate -> hidden, each a stacked
@@ -106,34 +141,6 @@ class MoEWeights:
         self.gate, self.up, self.down, self.shared = gate, up, down, shared
         self.preset = preset
 
-    @property
-    def hidden(self):
-        return self.gate.in_features
-
-    @property
-    def intermediate(self):
-        return self.gate.out_features
-
-    @property
-    def experts(self):
-        return self.gate.experts
-
-    @property
-    def bits(self):
-        return (self.gate.bits, self.up.bits, self.down.bits)
-
-    @property
-    def codebooks(self):
-        return (self.gate.codebook, self.up.codebook, self.down.codebook)
-
-    @property
-    def top_k(self):
-        """The preset's top-k, or None for weights that carry no preset."""
-        return None if self.preset is None else self.preset.top_k
-
-    @property
-    def projections(self):
-        return (self.gate, self.up, self.down)
 
     @property
     def nbytes(self):

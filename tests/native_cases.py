@@ -104,3 +104,17 @@ def check_decoder_on_vectors(decode):
         k, n = d["W_q"].shape
         got = decode(np.ascontiguousarray(d["trellis"]), k, n, int(2 * d["K"]), str(d["codebook"]))
         assert np.array_equal(got, d["W_q"].view(np.uint16)), path
+
+
+def every_state_weight(codebook):
+    """A [256, 512] K = 8 layer whose tiles hold every 16-bit state: symbols t, x, t, x+1, ... make
+    the states t << 8 | x and x << 8 | t occur for every t and x."""
+    t = np.repeat(np.arange(256), 2)                            # two tiles per t
+    x = np.arange(512)[:, None] % 2 * 128 + np.arange(128)[None, :]
+    symbols = np.empty((512, 256), np.uint32)
+    symbols[:, 0::2] = t[:, None]
+    symbols[:, 1::2] = x
+    w = mm.TrellisWeight.pack(symbols.reshape(16, 32, 256), np.ones(256, np.float16), np.ones(512, np.float16),
+                              codebook, 8)
+    assert len(np.unique(w.states())) == 65536
+    return w

@@ -10,8 +10,8 @@ import pytest
 import metal_moe as mm
 from metal_moe import policy, reference
 
-from native_cases import (EXPERTS, HIDDEN, RSF, TOP_K, check, check_decoder_on_vectors, check_exl3_moe, expected,
-                          exl3_moe_case, inputs, matrix, seed_of, weights)
+from native_cases import (EXPERTS, HIDDEN, RSF, TOP_K, check, check_decoder_on_vectors, check_exl3_moe,
+                          every_state_weight, expected, exl3_moe_case, inputs, matrix, seed_of, weights)
 
 pytestmark = pytest.mark.skipif("cpu" not in mm.backends(), reason="the native library is not built")
 
@@ -226,16 +226,8 @@ def test_shared_library_and_header_are_installed():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("codebook", ["3inst", "mcg", "mul1"])
 def test_decoders_cover_every_state(isa, codebook):
-    """K = 8 symbols t, x, t, x+1, ... make every 16-bit state (t << 8 | x and x << 8 | t) occur:
-    the kernels' decoders must give every codebook value bit-exactly."""
-    t = np.repeat(np.arange(256), 2)                            # two tiles per t
-    x = np.arange(512)[:, None] % 2 * 128 + np.arange(128)[None, :]
-    symbols = np.empty((512, 256), np.uint32)
-    symbols[:, 0::2] = t[:, None]
-    symbols[:, 1::2] = x
-    w = mm.TrellisWeight.pack(symbols.reshape(16, 32, 256), np.ones(256, np.float16), np.ones(512, np.float16),
-                              codebook, 8)
-    assert len(np.unique(w.states())) == 65536
+    """Every 16-bit state occurs: the kernels' decoders must give every codebook value bit-exactly."""
+    w = every_state_weight(codebook)
     out = np.empty((256, 512), np.uint16)
     _context(isa).decode(w.trellis, 256, 512, 16, codebook, out, True)
     assert np.array_equal(out, w.decode().view(np.uint16))

@@ -15,8 +15,8 @@ import pytest
 import metal_moe as mm
 from metal_moe import policy, reference
 
-from native_cases import (HIDDEN, RSF, check, check_decoder_on_vectors, check_exl3_moe, expected, exl3_moe_case, inputs,
-                          matrix, seed_of, weights)
+from native_cases import (HIDDEN, RSF, check, check_decoder_on_vectors, check_exl3_moe, every_state_weight,
+                          expected, exl3_moe_case, inputs, matrix, seed_of, weights)
 
 pytestmark = pytest.mark.skipif("cuda" not in mm.backends(),
                                 reason="no usable CUDA device (or the library was built without the cuda backend)")
@@ -111,15 +111,8 @@ def test_decoder_is_bit_exact_on_the_vectors():
 
 @pytest.mark.parametrize("codebook", ["3inst", "mcg", "mul1"])
 def test_decoder_covers_every_state(codebook):
-    """K = 8 symbols t, x, t, x+1, ... make all 65536 states occur (as in the CPU test)."""
-    t = np.repeat(np.arange(256), 2)
-    x = np.arange(512)[:, None] % 2 * 128 + np.arange(128)[None, :]
-    symbols = np.empty((512, 256), np.uint32)
-    symbols[:, 0::2] = t[:, None]
-    symbols[:, 1::2] = x
-    w = mm.TrellisWeight.pack(symbols.reshape(16, 32, 256), np.ones(256, np.float16), np.ones(512, np.float16),
-                              codebook, 8)
-    assert len(np.unique(w.states())) == 65536
+    """All 65536 states occur (as in the CPU test)."""
+    w = every_state_weight(codebook)
     assert np.array_equal(_decode_on_device(w.trellis, 256, 512, 16, codebook), w.decode().view(np.uint16))
 
 

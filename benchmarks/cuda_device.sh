@@ -24,10 +24,14 @@ for step in "$@"; do
               grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize.log" | tee -a "$OUT/summary.txt" ;;
     smoke)    python3 -m metal_moe bench --backend cuda --preset glm-4.7-flash --quiet --batch 1,16,512,4096 \
                 --variants policy --repeats 10 --json "$OUT/smoke.json" 2>&1 | tee -a "$OUT/summary.txt" ;;
-    profile)  ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
-                --section LaunchStats -k regex:mm_ --launch-skip 4 --launch-count 8 \
-                python3 "$REPO/benchmarks/cuda_profile.py" > "$OUT/profile.txt" 2>&1
-              grep -E "mm_|Duration|Throughput|Achieved Occupancy|Registers|Stall|Issued|Theoretical Occ" "$OUT/profile.txt" | head -80 ;;
+    profile)  # raw metrics of every section below, one CSV row per launch (2 calls per case: read the second)
+              ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+                --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+                --section InstructionStats --section MemoryWorkloadAnalysis -k regex:mm_ --page raw --csv \
+                python3 "$REPO/benchmarks/cuda_profile.py" > "$OUT/profile.csv" 2> "$OUT/profile.err"
+              tail -3 "$OUT/profile.err"; wc -l "$OUT/profile.csv"
+              lib=$(python3 -c "import metal_moe; print(metal_moe.get_library())")
+              cuobjdump -sass "$lib" 2>&1 | gzip > "$OUT/sass.txt.gz"; ls -l "$OUT/sass.txt.gz" ;;
     bench)    for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,4,8,16,32,64,128,512,4096 \
                   --json "$OUT/bench_$p.json" 2>&1 | tee -a "$OUT/bench.txt"

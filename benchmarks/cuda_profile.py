@@ -1,16 +1,38 @@
-"""One glm-4.7-flash batch-1 call and one batch-4096 call, for `ncu` (benchmarks/cuda_device.sh profile)."""
+"""Calls for `ncu` (benchmarks/cuda_device.sh profile): per case, one warm-up call then one
+profiled call (the launches of the second call are the ones to read).
+
+Cases: batch 1 of each preset with the policy's variant, glm-4.7-flash at batch 64 (policy) and
+at batch 4096 with `large_batch`.  `python3 cuda_profile.py CASE...` runs a subset (names below).
+"""
+import sys
+
 import numpy as np
 import torch
 
 import metal_moe as mm
 from metal_moe import bench_cuda, reference
 
-pr = mm.PRESETS["glm-4.7-flash"]
-w = bench_cuda.random_device_weights(pr)
-for batch, kernel in ((1, None), (4096, "moe_trellis_swiglu_large_batch")):
+CASES = {
+    "glm1": ("glm-4.7-flash", 1, None),
+    "qwen1": ("qwen3-30b-a3b", 1, None),
+    "ds1": ("deepseek-v3", 1, None),
+    "glm64": ("glm-4.7-flash", 64, None),
+    "glm4096": ("glm-4.7-flash", 4096, "moe_trellis_swiglu_large_batch"),
+}
+
+weights = {}
+for name in sys.argv[1:] or list(CASES):
+    preset, batch, kernel = CASES[name]
+    pr = mm.PRESETS[preset]
+    if preset not in weights:
+        weights[preset] = bench_cuda.random_device_weights(pr)
     rng = np.random.default_rng(batch)
     ids, p = reference.route(rng.standard_normal((batch, pr.experts)), pr.top_k, "sigmoid")
     x = torch.randn(batch, pr.hidden, device="cuda", dtype=torch.float16)
+    ids, p = torch.from_numpy(ids).cuda(), torch.from_numpy(p).cuda()
     for _ in range(2):
-        mm.fused_moe(x, torch.from_numpy(ids).cuda(), torch.from_numpy(p).cuda(), w, kernel=kernel)
+        torch.cuda.nvtx.range_push(name)
+        mm.fused_moe(x, ids, p, weights[preset], kernel=kernel)
+        torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
+    print(name, preset, batch, mm.api.resolve_kernel(batch, weights[preset], kernel, None, "cuda").name)

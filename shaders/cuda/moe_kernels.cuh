@@ -66,14 +66,23 @@ struct Config {
     static constexpr int TP = ORIENT == ORIENT_SWAP ? (T + 7) / 8 * 8 : (T + 15) / 16 * 16;
     static_assert(ORIENT == ORIENT_SWAP || T % 16 == 0, "std orientation needs whole m16 blocks");
     static_assert(KC % (16 * WK * U) == 0 && COLS % (16 * WK * U) == 0, "chunks hold whole warp steps");
-    /* shared memory: the staged inputs, aliased by the fp32 epilogue rows; fp16-accumulating
-     * variants keep their rows in a half-precision region after both, so that the fp32 re-run of
-     * overflowed slots leaves the other slots' results in place */
+    static constexpr int STEP_TILES = WK * U;   /* k-tiles per CTA step */
+    static constexpr int WSTAGES = 3;           /* weight steps in flight in shared memory */
+    static constexpr int STEPS_PER_CHUNK = KC / 16 / STEP_TILES;
+    static_assert(STEPS_PER_CHUNK >= WSTAGES - 1, "an input chunk's buffer must be free when its copy is issued");
+    /* shared memory: the staged inputs (double-buffered chunks) and WSTAGES steps of weight tiles,
+     * aliased by the fp32 epilogue rows; fp16-accumulating variants keep their rows in a
+     * half-precision region after all of it, so that the fp32 re-run of overflowed slots leaves the
+     * other slots' results in place.  A staged weight tile is its words followed by copies of its
+     * first two (the lane windows wrap around the tile), TILE_WORDS apart, sized for 8 bits. */
+    static constexpr int TILE_WORDS = 4 * 16 + 4;
     static constexpr size_t stage_bytes(int nmat) { return 2ull * nmat * T * (KC + 8) * 2; }
+    static constexpr size_t wstage_bytes(int nmat) { return 4ull * nmat * STEP_TILES * NWARP_N * TILE_WORDS; }
+    static constexpr size_t inputs_bytes(int nmat) { return stage_bytes(nmat) + WSTAGES * wstage_bytes(nmat); }
     static constexpr size_t ep32_bytes(int nmat) { return 4ull * WK * nmat * T * EP_STRIDE; }
     static constexpr size_t ep16_offset(int nmat)
     {
-        return stage_bytes(nmat) > ep32_bytes(nmat) ? stage_bytes(nmat) : ep32_bytes(nmat);
+        return inputs_bytes(nmat) > ep32_bytes(nmat) ? inputs_bytes(nmat) : ep32_bytes(nmat);
     }
     static constexpr size_t smem_bytes(int nmat) { return ep16_offset(nmat) + (F32 ? 0 : ep32_bytes(nmat) / 2); }
 };
@@ -172,10 +181,20 @@ __device__ __forceinline__ Codebook codebook(int cb)
     return c;
 }
 
-/* Eight states -> four packed fp16 pairs {s0,s1}, {s2,s3}, {s4,s5}, {s6,s7}. */
+/* (x & MM_HALF_MASK) ^ MM_HALF_XOR as one LOP3 (the compiler splits the C expression in two). */
+__device__ __forceinline__ uint32_t half_pattern(uint32_t x)
+{
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0x6A;\n" : "=r"(r) : "r"(x), "n"(MM_HALF_MASK), "n"(MM_HALF_XOR));
+    return r;
+}
+
+/* Eight states -> four packed fp16 pairs {s0,s1}, {s2,s3}, {s4,s5}, {s6,s7}.  LCG: the caller
+ * knows the codebook is 3INST or MCG (no branch on it). */
+template <bool LCG>
 __device__ __forceinline__ void decode_pairs(const uint32_t s[8], const Codebook &c, uint32_t out[4])
 {
-    if (c.cb == MM_CB_MUL1) {
+    if (!LCG && c.cb == MM_CB_MUL1) {
         const __half2 A = __half2half2(__ushort_as_half(0x1EEE)), B = __half2half2(__ushort_as_half(0xC931));
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -188,8 +207,8 @@ __device__ __forceinline__ void decode_pairs(const uint32_t s[8], const Codebook
     } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const uint32_t xa = ((s[2 * i] * c.mul + c.add) & MM_HALF_MASK) ^ MM_HALF_XOR;
-            const uint32_t xb = ((s[2 * i + 1] * c.mul + c.add) & MM_HALF_MASK) ^ MM_HALF_XOR;
+            const uint32_t xa = half_pattern(s[2 * i] * c.mul + c.add);
+            const uint32_t xb = half_pattern(s[2 * i + 1] * c.mul + c.add);
             const uint32_t lo = __byte_perm(xa, xb, 0x5410), hi = __byte_perm(xa, xb, 0x7632);
             const __half2 v = __hadd2(*reinterpret_cast<const __half2 *>(&lo), *reinterpret_cast<const __half2 *>(&hi));
             out[i] = *reinterpret_cast<const uint32_t *>(&v);
@@ -197,26 +216,34 @@ __device__ __forceinline__ void decode_pairs(const uint32_t s[8], const Codebook
     }
 }
 
-/* The lane's eight fp16 weights of one tile from its three words. KX2 = 0: run-time rate. */
-template <int KX2>
+/* Rates whose eight windows (offsets up to 7K + 1 bits, 16 bits each) lie in the lane's first two
+ * aligned words: 2K <= 13. */
+constexpr int KX2_TWO_WORDS = 13;
+
+/* The lane's eight fp16 weights of one tile from its three words. KX2 = 0: run-time rate.  FAST:
+ * the caller knows kx2 <= KX2_TWO_WORDS and an LCG codebook, so no branch remains per tile. */
+template <int KX2, bool FAST>
 __device__ __forceinline__ void decode_lane(uint32_t w0, uint32_t w1, uint32_t w2, int b, int kx2, const Codebook &c,
                                             uint32_t out[4])
 {
     const uint32_t A0 = __funnelshift_l(w1, w0, b), A1 = __funnelshift_l(w2, w1, b);
     uint32_t s[8];
-    if (KX2 ? KX2 <= 8 : kx2 <= 8) {             /* K <= 4: every window starts in A0 (offsets <= 28) */
+    const int k = KX2 ? KX2 : kx2;
+    if (FAST || (KX2 ? KX2 <= KX2_TWO_WORDS : kx2 <= KX2_TWO_WORDS)) {
+        /* every window lies in the 64 bits A0:A1: one 64-bit funnel shift and one shift per state */
+        const uint64_t V = (static_cast<uint64_t>(A0) << 32) | A1;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) s[j] = __funnelshift_l(A1, A0, lane_offset(KX2 ? KX2 : kx2, j)) >> 16;
+        for (int j = 0; j < 8; ++j) s[j] = static_cast<uint32_t>((V << lane_offset(k, j)) >> 48);
     } else {
         const uint32_t A2 = w2 << b;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const int d = lane_offset(KX2 ? KX2 : kx2, j);
+            const int d = lane_offset(k, j);
             const uint32_t hi = d < 32 ? A0 : A1, lo = d < 32 ? A1 : A2;
             s[j] = __funnelshift_l(lo, hi, d) >> 16;
         }
     }
-    decode_pairs(s, c, out);
+    decode_pairs<FAST>(s, c, out);
 }
 
 /* ---- MMA ------------------------------------------------------------------------------------ */
@@ -240,6 +267,11 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
+__device__ __forceinline__ void cp_async8(void *smem, const void *gmem)
+{
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -249,38 +281,57 @@ __device__ __forceinline__ uint32_t lds32(const uint16_t *p) { return *reinterpr
 /* ---- the main loop -------------------------------------------------------------------------- */
 /* One GEMM pass of a CTA: NMAT projections (gate+up, or down) for the tile's slots over all of K,
  * accumulated per warp and stored into ep[kgroup][mat][slot][column]: floats (F32) or halves in the
- * fp16 region.  Rows whose fp16 sums are not finite are flagged in `bad`. */
-template <class C, int NMAT, bool F32, int KX2A, int KX2B>
+ * fp16 region.  Rows whose fp16 sums are not finite are flagged in `bad`.
+ *
+ * Pipeline: a step is STEP_TILES k-tiles of the CTA's 8 column tiles of every projection.  The
+ * weight words of a step are copied to shared memory with 16-byte cp.async (one group per step,
+ * WSTAGES - 1 steps ahead); the inputs of a K chunk travel in the group of the chunk's first step.
+ * Each lane then reads its three words of a tile with three LDS at fixed offsets.  FAST: every
+ * projection has an LCG codebook and 2K <= KX2_TWO_WORDS (decode_lane without branches). */
+template <class C, int NMAT, bool F32, int KX2A, int KX2B, bool FAST>
 __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], int expert, const uint16_t *xbase,
                                           int64_t mat_stride, int kdim, int ncols, int col0, const int *slot_s,
                                           int count, char *smem, int *bad)
 {
-    constexpr int T = C::T, TP = C::TP, KC = C::KC, WK = C::WK, U = C::U;
+    constexpr int T = C::T, TP = C::TP, KC = C::KC, WK = C::WK, U = C::U, S = C::WSTAGES;
     constexpr int XS = KC + 8;                                   /* halves per staged row */
     constexpr int NFRAG = C::ORIENT == ORIENT_SWAP ? TP / 8 : TP / 16;
     constexpr int NACC = C::ORIENT == ORIENT_SWAP ? NFRAG * 4 : NFRAG * 8;   /* floats per mat */
+    constexpr int STEP_TILES = C::STEP_TILES, SPC = C::STEPS_PER_CHUNK;
+    constexpr int TW = C::TILE_WORDS, MAT_WORDS = STEP_TILES * NWARP_N * TW;
     uint16_t *xs = reinterpret_cast<uint16_t *>(smem);          /* [2][NMAT][T][XS] */
+    uint32_t *ws = reinterpret_cast<uint32_t *>(smem + C::stage_bytes(NMAT));   /* [S][NMAT][tile][TW] */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wn = warp % NWARP_N, kg = warp / NWARP_N;
     const int g = lane >> 2, c4 = lane & 3;
-    const int jtile = col0 / 16 + wn, n16 = ncols / 16;
+    const int n16 = ncols / 16;
 
-    /* per projection: tile pointer of k-tile 0 and the lane's window */
-    const uint32_t *wp[NMAT];
+    /* this CTA's share of K: split blockIdx.z of gridDim.z, in whole steps */
+    const int steps_total = kdim / 16 / STEP_TILES;
+    const int s0 = static_cast<int>(blockIdx.z) * steps_total / static_cast<int>(gridDim.z);
+    const int s1 = (static_cast<int>(blockIdx.z) + 1) * steps_total / static_cast<int>(gridDim.z);
+    const int kbeg = s0 * STEP_TILES * 16, kend = s1 * STEP_TILES * 16;
+    const int nchunks = (kend - kbeg + KC - 1) / KC, nsteps = s1 - s0;
+
+    /* per projection: words of the CTA's first tile of step 0, the k-tile stride, and the lane's
+     * window (its first word as a shared-memory word offset inside a staged tile) */
+    const uint32_t *wsrc[NMAT];
+    int kx2s[NMAT], nd[NMAT], kstride[NMAT];
     LaneWindow lw[NMAT];
     Codebook cbk[NMAT];
-    int kx2s[NMAT], nd[NMAT];
+    uint32_t lane_word[NMAT];
 #pragma unroll
     for (int m = 0; m < NMAT; ++m) {
         const int ct = m == 0 ? KX2A : KX2B;
         kx2s[m] = ct ? ct : proj[m]->kx2;
         nd[m] = mm_tile_dwords(kx2s[m]);
+        kstride[m] = n16 * nd[m];
         lw[m] = lane_window(kx2s[m], lane);
         cbk[m] = codebook(proj[m]->codebook);
-        wp[m] = proj[m]->tiles + static_cast<int64_t>(expert) * proj[m]->expert_words +
-                static_cast<int64_t>(jtile) * nd[m];
+        wsrc[m] = proj[m]->tiles + static_cast<int64_t>(expert) * proj[m]->expert_words +
+                  static_cast<int64_t>(col0 / 16) * nd[m] + static_cast<int64_t>(s0) * STEP_TILES * kstride[m];
+        lane_word[m] = m * MAT_WORDS + (kg * NWARP_N + wn) * TW + lw[m].q0;
     }
-    const int64_t kstride[2] = {static_cast<int64_t>(n16) * nd[0], static_cast<int64_t>(n16) * nd[NMAT - 1]};
 
     /* the rows (slots) this lane reads from the staged inputs, clamped to the tile's slots */
     int rows[C::ORIENT == ORIENT_SWAP ? NFRAG : 2 * NFRAG];
@@ -304,15 +355,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         for (int i = 0; i < (F32 ? 1 : NACC / 2); ++i) acch[m][i] = 0u;
     }
 
-    /* this CTA's share of K: split blockIdx.z of gridDim.z, in whole steps */
-    constexpr int STEP_TILES = WK * U;                           /* k-tiles per CTA step */
-    const int steps_total = kdim / 16 / STEP_TILES;
-    const int s0 = static_cast<int>(blockIdx.z) * steps_total / static_cast<int>(gridDim.z);
-    const int s1 = (static_cast<int>(blockIdx.z) + 1) * steps_total / static_cast<int>(gridDim.z);
-    const int kbeg = s0 * STEP_TILES * 16, kend = s1 * STEP_TILES * 16;
-    const int nchunks = (kend - kbeg + KC - 1) / KC;
-
-    auto stage = [&](int chunk) {
+    auto stage_inputs = [&](int chunk) {
         const int k0 = kbeg + chunk * KC, kc = min(KC, kend - k0);
         uint16_t *dst = xs + (chunk & 1) * NMAT * T * XS;
         const int vec_per_row = kc / 8;
@@ -322,33 +365,48 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
             const int slot = slot_s[r];
             cp_async16(dst + (m * T + r) * XS + 8 * v, xbase + m * mat_stride + static_cast<int64_t>(slot) * kdim + k0 + 8 * v);
         }
-        cp_async_commit();
     };
 
-    auto load_step = [&](uint32_t (&w)[NMAT][U][3], int step) {
+    /* step t's weights into stage buffer `buf`: per projection STEP_TILES x 8 tiles of nd words
+     * (nd / 4 = kx2 16-byte pieces each), then each tile's first two words again after it */
+    auto stage_weights = [&](int t, int buf) {
 #pragma unroll
         for (int m = 0; m < NMAT; ++m) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int kt = (s0 + step) * STEP_TILES + u * WK + kg;
-                const uint32_t *t = wp[m] + kt * kstride[m > 0 ? 1 : 0];
-                w[m][u][0] = __ldg(t + lw[m].q0);
-                w[m][u][1] = __ldg(t + lw[m].q1);
-                w[m][u][2] = __ldg(t + lw[m].q2);
+            const uint32_t *src = wsrc[m] + static_cast<int64_t>(t) * STEP_TILES * kstride[m];
+            uint32_t *dst = ws + (buf * NMAT + m) * MAT_WORDS;
+            const int pieces = kx2s[m], total = STEP_TILES * NWARP_N * pieces;
+            const uint32_t inv = (65536u + pieces - 1) / pieces;     /* i / pieces for i < 2^16 / 16 */
+            for (int i = tid; i < total; i += C::THREADS) {
+                const int tile = static_cast<int>((i * inv) >> 16), c = i - tile * pieces;
+                const int kt = tile / NWARP_N, jt = tile % NWARP_N;
+                cp_async16(dst + tile * TW + 4 * c, src + kt * kstride[m] + jt * nd[m] + 4 * c);
+            }
+            for (int tile = tid; tile < STEP_TILES * NWARP_N; tile += C::THREADS) {
+                const int kt = tile / NWARP_N, jt = tile % NWARP_N;
+                cp_async8(dst + tile * TW + nd[m], src + kt * kstride[m] + jt * nd[m]);
             }
         }
     };
 
-    auto compute_step = [&](const uint32_t (&w)[NMAT][U][3], int step, const uint16_t *xchunk, int k0chunk) {
+    auto issue = [&](int t) {                                  /* group t: step t's weights (+ inputs) */
+        if (t < nsteps) {
+            stage_weights(t, t % S);
+            if (t % SPC == 0 && t / SPC < nchunks) stage_inputs(t / SPC);
+        }
+        cp_async_commit();
+    };
+
+    auto compute_step = [&](const uint32_t *wbuf, int step, const uint16_t *xchunk, int k0chunk) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int kt = (s0 + step) * STEP_TILES + u * WK + kg;
             const int kl = kt * 16 - k0chunk;                    /* column inside the chunk */
 #pragma unroll
             for (int m = 0; m < NMAT; ++m) {
+                const uint32_t *tw = wbuf + lane_word[m] + u * WK * NWARP_N * TW;
                 uint32_t P[4];
-                if (m == 0) decode_lane<KX2A>(w[m][u][0], w[m][u][1], w[m][u][2], lw[m].b, kx2s[m], cbk[m], P);
-                else decode_lane<KX2B>(w[m][u][0], w[m][u][1], w[m][u][2], lw[m].b, kx2s[m], cbk[m], P);
+                if (m == 0) decode_lane<KX2A, FAST>(tw[0], tw[1], tw[2], lw[m].b, kx2s[m], cbk[m], P);
+                else decode_lane<KX2B, FAST>(tw[0], tw[1], tw[2], lw[m].b, kx2s[m], cbk[m], P);
                 const uint16_t *xm = xchunk + m * T * XS + kl + 2 * c4;
                 if (C::ORIENT == ORIENT_SWAP) {
                     const uint32_t a[4] = {P[0], P[2], P[1], P[3]};      /* {s0s1}, {s4s5}, {s2s3}, {s6s7} */
@@ -377,33 +435,18 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         }
     };
 
-    /* steps: each covers STEP_TILES k-tiles; chunks hold whole steps */
-    const int nsteps = s1 - s0;
-    constexpr int STEPS_PER_CHUNK = KC / 16 / STEP_TILES;
-    uint32_t wa[NMAT][U][3], wb[NMAT][U][3];
-    stage(0);
-    load_step(wa, 0);
+#pragma unroll
+    for (int t = 0; t < S - 1; ++t) issue(t);
+    int buf = 0;
     for (int step = 0; step < nsteps; ++step) {
-        const int chunk = step / STEPS_PER_CHUNK;
-        if (step % STEPS_PER_CHUNK == 0) {
-            __syncthreads();                                     /* everyone is done with chunk-1's buffer */
-            if (chunk + 1 < nchunks) {
-                stage(chunk + 1);
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
-            __syncthreads();
-        }
-        if (step + 1 < nsteps) load_step(wb, step + 1);
-        compute_step(wa, step, xs + (chunk & 1) * NMAT * T * XS, kbeg + chunk * KC);
-#pragma unroll
-        for (int m = 0; m < NMAT; ++m)
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-#pragma unroll
-                for (int i = 0; i < 3; ++i) wa[m][u][i] = wb[m][u][i];
+        cp_async_wait<S - 2>();                                  /* group `step` has landed (this thread's) */
+        __syncthreads();                                         /* ... everyone's; step-1's buffers are free */
+        issue(step + S - 1);
+        const int chunk = step / SPC;
+        compute_step(ws + buf * NMAT * MAT_WORDS, step, xs + (chunk & 1) * NMAT * T * XS, kbeg + chunk * KC);
+        buf = buf + 1 == S ? 0 : buf + 1;
     }
+    cp_async_wait<0>();
     __syncthreads();                                             /* the staging buffers become ep */
 
     /* accumulators -> ep[kg][m][slot][col] */
@@ -482,6 +525,32 @@ __device__ __forceinline__ bool reduce_splits(const mm_cuda_args &a, int count, 
     return true;
 }
 
+/* Whether every projection of this pass can take main_loop's FAST path. */
+template <int NMAT, int KX2A, int KX2B>
+__device__ __forceinline__ bool fast_path(const mm_cuda_proj *const proj[NMAT])
+{
+    bool fast = true;
+#pragma unroll
+    for (int m = 0; m < NMAT; ++m) {
+        const int ct = m == 0 ? KX2A : KX2B;
+        fast = fast && proj[m]->codebook != MM_CB_MUL1 && (ct ? ct : proj[m]->kx2) <= KX2_TWO_WORDS;
+    }
+    return fast;
+}
+
+template <class C, int NMAT, bool F32, int KX2A, int KX2B>
+__device__ __forceinline__ void run_main_loop(bool fast, const mm_cuda_proj *const proj[NMAT], int expert,
+                                              const uint16_t *xbase, int64_t mat_stride, int kdim, int ncols, int col0,
+                                              const int *slot_s, int count, char *smem, int *bad)
+{
+    if (fast)
+        main_loop<C, NMAT, F32, KX2A, KX2B, true>(proj, expert, xbase, mat_stride, kdim, ncols, col0, slot_s, count,
+                                                  smem, bad);
+    else
+        main_loop<C, NMAT, F32, KX2A, KX2B, false>(proj, expert, xbase, mat_stride, kdim, ncols, col0, slot_s, count,
+                                                   smem, bad);
+}
+
 /* Runs the main loop and, for fp16 accumulation, the fp32 re-run of the slots that overflowed;
  * with split K, the reduction.  Returns true (ep filled, the CTA synchronised) for the CTA that
  * runs the epilogue. */
@@ -490,14 +559,15 @@ __device__ __forceinline__ bool gemm(const mm_cuda_args &a, const mm_cuda_proj *
                                      const uint16_t *xbase, int64_t mat_stride, int kdim, int ncols, int col0,
                                      const int *slot_s, int count, char *smem, int *bad)
 {
-    main_loop<C, NMAT, C::F32, KX2A, KX2B>(proj, expert, xbase, mat_stride, kdim, ncols, col0, slot_s, count, smem,
-                                           bad);
+    const bool fast = fast_path<NMAT, KX2A, KX2B>(proj);
+    run_main_loop<C, NMAT, C::F32, KX2A, KX2B>(fast, proj, expert, xbase, mat_stride, kdim, ncols, col0, slot_s,
+                                               count, smem, bad);
     if constexpr (!C::F32) {
         __syncthreads();
         if (__syncthreads_or(threadIdx.x < count && bad[threadIdx.x])) {
             if (threadIdx.x == 0) atomicAdd(&a.counters[0], 1ull);
-            main_loop<C, NMAT, true, KX2A, KX2B>(proj, expert, xbase, mat_stride, kdim, ncols, col0, slot_s, count,
-                                                 smem, bad);
+            run_main_loop<C, NMAT, true, KX2A, KX2B>(fast, proj, expert, xbase, mat_stride, kdim, ncols, col0,
+                                                     slot_s, count, smem, bad);
         }
     }
     __syncthreads();
@@ -851,7 +921,7 @@ __global__ void mm_decode(const uint32_t *tiles, int k_tiles, int n_tiles, int k
     const uint32_t *t = tiles + tile * mm_tile_dwords(kx2);
     const LaneWindow w = lane_window(kx2, lane);
     uint32_t P[4];
-    decode_lane<0>(t[w.q0], t[w.q1], t[w.q2], w.b, kx2, codebook(cb), P);
+    decode_lane<0, false>(t[w.q0], t[w.q1], t[w.q2], w.b, kx2, codebook(cb), P);
     const int64_t n = 16ll * n_tiles;
 #pragma unroll
     for (int q = 0; q < 8; ++q) {

@@ -329,7 +329,7 @@ class ExpertParallelMoE:
     def _prepare(self, x, ids, p, router_logits, top_k, scoring, bias, renormalize, routed_scaling_factor, out):
         """Checked x, ids [M, k], p [M, k] and out (the router run where asked); errors name the argument."""
         torch = self._torch
-        x = self._tensor(x, "x", _ACTIVATIONS)
+        x = self._tensor(x, "x", _ACTIVATIONS).detach()         # inputs are read, never differentiated
         if x.shape[1] != self.hidden:
             raise ValueError(f"x: expected shape [tokens, {self.hidden}], got {tuple(x.shape)}")
         if not x.is_contiguous():
@@ -343,8 +343,8 @@ class ExpertParallelMoE:
             raise ValueError("top_k/bias: only used with router_logits")
         if ids is None or p is None:
             raise TypeError("ids, p: required (or pass router_logits= with top_k=)")
-        ids = self._tensor(ids, "ids", ("int32", "int64"))
-        p = self._tensor(p, "p", _ACTIVATIONS)
+        ids = self._tensor(ids, "ids", ("int32", "int64")).detach()
+        p = self._tensor(p, "p", _ACTIVATIONS).detach()
         api._check_shapes(x.shape, ids.shape, p.shape, self.hidden)
         if ids.shape[1] < 1:
             raise ValueError(f"ids: expected at least one slot per token, got shape {tuple(ids.shape)}")
@@ -366,12 +366,12 @@ class ExpertParallelMoE:
             raise TypeError(f"{name}: dtype {value.dtype} is not accepted; expected {', '.join(dtypes)}")
         if value.dim() != 2:
             raise ValueError(f"{name}: expected 2 dimensions, got shape {tuple(value.shape)}")
-        return value.detach()
+        return value
 
     def _route(self, router_logits, top_k, scoring, bias, renormalize):
         """The native router over all experts (the same selection as metal_moe.reference.route)."""
         torch = self._torch
-        logits = self._tensor(router_logits, "router_logits", _ACTIVATIONS)
+        logits = self._tensor(router_logits, "router_logits", _ACTIVATIONS).detach()
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.device != self.device:
                 raise TypeError(f"bias: expected a float32 torch tensor on {self.device}")

@@ -46,14 +46,14 @@ def test_importable_without_torch_and_says_what_is_missing():
             "try:\n    d.ExpertParallelMoE(None)\n"
             "except ImportError as err:\n    assert 'torch' in str(err), err\n"
             "else:\n    raise SystemExit('no ImportError')\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    with tempfile.TemporaryDirectory() as tmp:          # not the checkout: the installed package
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=tmp)
 
 
 def launch(backend, world):
     """Run `world` worker ranks; fail with the first failing rank's output (ending the others)."""
     with tempfile.TemporaryDirectory(prefix="metal_moe_dist_") as tmp:
-        env = {**os.environ, "METAL_MOE_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "METAL_MOE_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         logs = [open(Path(tmp) / f"rank{r}.log", "w+") for r in range(world)]
         procs = [subprocess.Popen([sys.executable, str(WORKER), backend, str(r), str(world), str(Path(tmp) / "init")],
                                   stdout=logs[r], stderr=subprocess.STDOUT, env=env, cwd=tmp) for r in range(world)]

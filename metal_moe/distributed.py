@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from . import api
+from . import api, policy
 from .weights import MoEWeights
 
 __all__ = ["ExpertParallelMoE", "SectionTimer", "partition_experts"]
@@ -111,7 +111,7 @@ class SectionTimer:
     """Seconds spent in each section of :meth:`ExpertParallelMoE.forward` (pass it as ``timer=``).
 
     ``totals`` maps a section name to its summed seconds over the calls timed so far.  The sections:
-    ``route``, ``counts``, ``dispatch``, ``experts``, ``return``, ``shared``, ``combine``;
+    ``route`` (the argument checks and the router), ``counts``, ``dispatch``, ``experts``, ``return``, ``shared``, ``combine``;
     :attr:`communication` sums ``counts``, ``dispatch`` and ``return`` (the counts step includes
     the wait for the split sizes to reach the host).  On CUDA the sections are timed with CUDA
     events on the current stream, read when :meth:`read` is called (which synchronises); on the
@@ -321,14 +321,15 @@ class ExpertParallelMoE:
         if self.shared_weights is not None and tokens:
             with timer.section("shared"):
                 shared = self._empty((tokens, self.hidden), torch.float32)
+                # as inside the kernels: a specialised decode runs a shared expert of other bits generically
+                generic = kernel is not None and not policy.accepts_bits(kernel, self.shared_weights.bits)
                 self._fused(x, torch.zeros((tokens, 1), dtype=torch.int32, device=self.device), self.shared_weights,
-                            shared, kernel, use_fp32_acc)
+                            shared, policy.DECODE if generic else kernel, use_fp32_acc)
         with timer.section("combine"):
             return self._combine(back, order, p.to(torch.float32), routed_scaling_factor, shared, x.dtype, out)
 
     def _prepare(self, x, ids, p, router_logits, top_k, scoring, bias, renormalize, routed_scaling_factor, out):
         """Checked x, ids [M, k], p [M, k] and out (the router run where asked); errors name the argument."""
-        torch = self._torch
         x = self._tensor(x, "x", _ACTIVATIONS).detach()         # inputs are read, never differentiated
         if x.shape[1] != self.hidden:
             raise ValueError(f"x: expected shape [tokens, {self.hidden}], got {tuple(x.shape)}")
@@ -397,8 +398,8 @@ class ExpertParallelMoE:
         local = self.stop - self.start
         received = torch.empty((self.world_size, 1 + local), dtype=torch.int64, device=self.device)
         sizes = [1 + stop - start for start, stop in self.expert_ranges]
-        self._collective("all_to_all_single", received.view(-1), send, output_split_sizes=[1 + local] * self.world_size,
-                         input_split_sizes=sizes)
+        self._collective("all_to_all_single", received.view(-1), send,
+                         output_split_sizes=[1 + local] * self.world_size, input_split_sizes=sizes)
         host = torch.cat([counts, received.view(-1)]).tolist()        # one transfer (CUDA: one sync)
         mine = host[:self.experts + 1]
         incoming = np.array(host[self.experts + 1:], dtype=np.int64).reshape(self.world_size, 1 + local)

@@ -175,7 +175,8 @@ def empty_everywhere(r):
 def router_logits(r):
     """router_logits= with both scorings, the correction bias and float16 logits: the selection of
     reference.route, and the single-device fused_moe(router_logits=...) result."""
-    for shared, scoring, bias, logits_dtype in ((False, "softmax", False, "float32"), (True, "sigmoid", True, "float16")):
+    for shared, scoring, bias, logits_dtype in ((False, "softmax", False, "float32"),
+                                                (True, "sigmoid", True, "float16")):
         w = layer(7, shared)
         moe = ExpertParallelMoE(w)
         rng = r.rng("router", scoring)
@@ -195,6 +196,10 @@ def forced_kernels(r):
     x, xv, ids, p = tokens(r, "kernels", [3, 20, 35][r.rank % 3], 7, 2, "float16")
     for kernel in (policy.DECODE, policy.PREFILL4, policy.LARGE_BATCH, policy.SIMD):
         check(r, moe, w, x, xv, ids, p, exact=not r.cuda, kernel=kernel)
+    # a specialised decode, with a shared expert of other bits (which the kernels run generically)
+    routed = layer(7, False, (6, 2, 3))
+    w = mm.MoEWeights(routed.gate, routed.up, routed.down, layer(7, True).shared)
+    check(r, ExpertParallelMoE(w), w, x[:2], xv[:2], ids[:2], p[:2], exact=not r.cuda, kernel=policy.DECODE + "_6_2_3")
 
 
 def refusals(r):

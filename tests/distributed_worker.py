@@ -80,8 +80,9 @@ def tokens(r, tag, count, experts, top_k, dtype):
 
 
 def check(r, moe, w, x, x_values, ids, p, *, exact, kernel=None, use_fp32_acc=None, rsf=RSF, **routing):
-    """Run the layer twice (a new output of x's dtype, then a poisoned float32 out=) and check:
-    shape and dtype, bitwise repeatability, the fp16/bf16 output is the float32 one rounded, the
+    """Run the layer four times (twice into a new output of x's dtype, then into a poisoned float32
+    out= and a poisoned out= of x's dtype) and check: shape and dtype, bitwise repeatability, every
+    output of x's dtype is the float32 one rounded, the
     float32 one against the float64 reference (the kernels' tolerance for the accumulation mode,
     plus one rounding of the output's dtype) and against the single-device fused_moe: bitwise with
     ``exact`` (CPU, fp32 accumulation or a forced kernel), else within the sum of the two

@@ -171,11 +171,13 @@ class ExpertParallelMoE:
     expert_ranges: ``[(start, stop), ...]`` per rank, contiguous and in rank order, covering all
     experts (a rank may own none); default :func:`partition_experts`.  backend: ``"cpu"`` (host
     tensors, gloo) or ``"cuda"`` (this rank's GPU, nccl); default from the group's backend.
-    device: the CUDA device index (default ``torch.cuda.current_device()``).
+    device: the CUDA device (an index or ``torch.device``; default ``torch.cuda.current_device()``).
 
     Construction is collective: every rank checks that all ranks hold the same layer shape and
-    partition (one ``all_gather``).  See the module's documentation for the forward and its
-    accuracy.
+    partition (one ``all_gather``; a difference is refused on every rank).  Arguments are checked
+    before that, so ranks given the same bad argument all raise at once; a bad argument on some
+    ranks only leaves the others waiting in the ``all_gather`` (until the group's timeout).  See
+    the module's documentation for the forward and its accuracy.
     """
 
     def __init__(self, weights, group=None, *, expert_ranges=None, backend=None, device=None):
@@ -195,8 +197,12 @@ class ExpertParallelMoE:
         if self.backend not in api.backends():
             raise ValueError(f"backend: {self.backend!r} is not usable on this machine; usable: {api.backends()}")
         if self.backend == "cuda":
-            index = torch.cuda.current_device() if device is None else torch.device("cuda", device).index
-            self.device = torch.device("cuda", index)
+            if device is None:
+                device = torch.cuda.current_device()
+            device = device if isinstance(device, torch.device) else torch.device("cuda", device)
+            if device.type != "cuda" or device.index is None:
+                raise ValueError(f"device: expected a CUDA device index, got {device!r}")
+            self.device = device
         else:
             if device not in (None, "cpu") and not (isinstance(device, torch.device) and device.type == "cpu"):
                 raise ValueError(f"device: the cpu backend runs on the host, got device={device!r}")

@@ -332,24 +332,37 @@ def fused_moe(x, ids=None, p=None, weights=None, *, router_logits=None, top_k=No
 def _route_native(router_logits, weights, top_k, scoring, bias, renormalize, backend, context, stream=None):
     """ids (int32) and p (float32) for router_logits through the native router."""
     if isinstance(weights, DeviceWeights) or is_device_array(router_logits):
-        return _route_device(router_logits, weights, top_k, scoring, bias, renormalize, context, stream)
+        if not isinstance(weights, DeviceWeights):
+            raise TypeError(f"weights: {type(weights).__name__} on the host, but router_logits is on a CUDA device; "
+                            "upload them once with weights.to('cuda')")
+        return _route_device(router_logits, weights.experts, weights.device, top_k, scoring, bias, renormalize,
+                             context, stream)
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected MoEWeights, got {type(weights).__name__}")
+    return _route_host(router_logits, weights.experts, top_k, scoring, bias, renormalize, context)
+
+
+def _check_router_options(scoring, top_k):
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
     if top_k is None:
         raise TypeError("top_k: required with router_logits")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise TypeError(f"top_k: expected an integer, got {type(top_k).__name__}")
+
+
+def _route_host(router_logits, experts, top_k, scoring, bias, renormalize, context=None):
+    """Host router_logits ``[M, experts]`` -> ids (int32) and p (float32), through the core's router
+    (the same code on every host-memory backend) in the cpu context."""
+    _check_router_options(scoring, top_k)
     logits, label = _host_array(router_logits, "router_logits", _ACTIVATIONS)
-    if logits.shape[1] != weights.experts:
-        raise ValueError(f"router_logits: expected shape [tokens, {weights.experts}] (experts), got {logits.shape}")
+    if logits.shape[1] != experts:
+        raise ValueError(f"router_logits: expected shape [tokens, {experts}] (experts), got {logits.shape}")
     if bias is not None:
         bias = np.asarray(bias)
-        if bias.dtype != np.float32 or bias.shape != (weights.experts,) or not bias.flags.c_contiguous:
-            raise ValueError(f"bias: expected a contiguous float32 array of shape ({weights.experts},), got "
+        if bias.dtype != np.float32 or bias.shape != (experts,) or not bias.flags.c_contiguous:
+            raise ValueError(f"bias: expected a contiguous float32 array of shape ({experts},), got "
                              f"{bias.dtype} {bias.shape}")
-    # host arrays: the core's router (the same code on every host-memory backend) through the cpu context
     ctx = context if context is not None and context.backend != "cuda" else _default_context("cpu")
     ids = np.empty((logits.shape[0], int(top_k)), np.int32)
     p = np.empty((logits.shape[0], int(top_k)), np.float32)
@@ -357,34 +370,29 @@ def _route_native(router_logits, weights, top_k, scoring, bias, renormalize, bac
     return ids, p
 
 
-def _route_device(router_logits, weights, top_k, scoring, bias, renormalize, context, stream=None):
-    """ids and p on the device, written by the CUDA router on the call's stream (no host sync)."""
-    if not isinstance(weights, DeviceWeights):
-        raise TypeError(f"weights: {type(weights).__name__} on the host, but router_logits is on a CUDA device; "
-                        "upload them once with weights.to('cuda')")
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-        raise TypeError(f"top_k: expected an integer, got {type(top_k).__name__}")
+def _route_device(router_logits, experts, device, top_k, scoring, bias, renormalize, context, stream=None):
+    """CUDA router_logits ``[M, experts]`` on `device` -> ids and p on the device, written by the CUDA
+    router on the call's stream (no host sync)."""
+    _check_router_options(scoring, top_k)
     if not is_device_array(router_logits):
         raise ValueError("router_logits: is a host array but the weights are on a CUDA device")
-    li = _device_info(router_logits, "router_logits", _ACTIVATIONS, weights.device)
-    if li.shape[1] != weights.experts:
-        raise ValueError(f"router_logits: expected shape [tokens, {weights.experts}] (experts), got {li.shape}")
+    li = _device_info(router_logits, "router_logits", _ACTIVATIONS, device)
+    if li.shape[1] != experts:
+        raise ValueError(f"router_logits: expected shape [tokens, {experts}] (experts), got {li.shape}")
     infos = [li]
     bias_ptr = 0
     if bias is not None:
         bi = array_info(bias, "bias")
-        if bi.dtype != "float32" or bi.shape != (weights.experts,) or not bi.contiguous:
-            raise ValueError(f"bias: expected a contiguous float32 CUDA array of shape ({weights.experts},)")
+        if bi.dtype != "float32" or bi.shape != (experts,) or not bi.contiguous:
+            raise ValueError(f"bias: expected a contiguous float32 CUDA array of shape ({experts},)")
         bias_ptr = bi.ptr
         infos.append(bi)
-    ctx = context if context is not None else _default_context("cuda", weights.device)
-    if ctx.backend != "cuda" or ctx.device != weights.device:
-        raise ValueError(f"context: is {ctx.backend}:{ctx.device}, but the weights are on cuda:{weights.device}")
-    handle = current_stream(stream, infos, weights.device)
-    ids = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "int32", weights.device, handle)
-    p = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "float32", weights.device, handle)
+    ctx = context if context is not None else _default_context("cuda", device)
+    if ctx.backend != "cuda" or ctx.device != device:
+        raise ValueError(f"context: is {ctx.backend}:{ctx.device}, but the weights are on cuda:{device}")
+    handle = current_stream(stream, infos, device)
+    ids = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "int32", device, handle)
+    p = _empty_device(router_logits, li, (li.shape[0], int(top_k)), "float32", device, handle)
     ctx.route_pointers((li.ptr, li.dtype, li.shape[0], li.shape[1]), int(top_k), scoring, bool(renormalize), bias_ptr,
                        array_info(ids, "ids").ptr, array_info(p, "p").ptr, handle)
     return ids, p

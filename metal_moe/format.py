@@ -293,7 +293,7 @@ class TrellisWeight:
 
     ``trellis`` int16 ``[in/16, out/16, 16*K]`` or ``[E, in/16, out/16, 16*K]``, ``suh`` float16
     ``[in]`` / ``[E, in]``, ``svh`` float16 ``[out]`` / ``[E, out]``.  The arrays are borrowed, not
-    copied.  ``w[e]`` is expert ``e`` of a stack.
+    copied.  ``w[e]`` is expert ``e`` of a stack, ``w[a:b]`` a stack of experts ``a..b-1``.
     """
 
     __slots__ = ("trellis", "suh", "svh", "codebook", "bits")
@@ -353,9 +353,18 @@ class TrellisWeight:
         return self.experts
 
     def __getitem__(self, e):
+        """``w[e]``: expert ``e`` (unstacked); ``w[a:b]``: experts ``a..b-1`` as a stack.  Both are
+        views of this weight's arrays, not copies; a slice must have step 1 (so that it stays
+        C-contiguous, as the kernels need) and may be empty."""
         if self.experts is None:
             raise TypeError("an unstacked TrellisWeight cannot be indexed by expert")
-        e = int(np.arange(self.experts)[e])        # negative indices, IndexError for range
+        if isinstance(e, slice):
+            span = range(self.experts)[e]
+            if span.step != 1:
+                raise ValueError(f"expert slice: step must be 1 (a contiguous range of experts), got {e.step}")
+            e = slice(span.start, span.stop)
+        else:
+            e = int(np.arange(self.experts)[e])        # negative indices, IndexError for range
         return TrellisWeight(self.trellis[e], self.suh[e], self.svh[e], self.codebook)
 
     def __repr__(self):

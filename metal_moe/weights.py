@@ -49,6 +49,11 @@ class SharedExpert(NamedTuple):
     up: TrellisWeight
     down: TrellisWeight
 
+    def as_block(self):
+        """This expert alone, as a one-expert :class:`MoEWeights` (views of its arrays, no copy):
+        ``fused_moe(x, zeros [M, 1], ones [M, 1], block)`` computes the shared expert's output."""
+        return MoEWeights(*(TrellisWeight(w.trellis[None], w.suh[None], w.svh[None], w.codebook) for w in self))
+
 
 def _check_projection(w, name, stacked):
     if not isinstance(w, TrellisWeight):
@@ -157,6 +162,19 @@ class MoEWeights(ExpertBlock):
 
             return DeviceWeights.upload(self, device)
         raise ValueError(f"backend: expected 'cpu' or 'cuda', got {backend!r}")
+
+    def select_experts(self, start, stop):
+        """Routed experts ``start..stop-1`` (renumbered from 0) as a new :class:`MoEWeights` that
+        views this one's arrays (no copy).  The shared expert is not part of the selection (it is
+        no routed expert; :meth:`SharedExpert.as_block` gives it as a block of its own); the preset,
+        whose expert count would no longer hold, is dropped.  An empty range is allowed."""
+        for value, name in ((start, "start"), (stop, "stop")):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+        if not 0 <= start <= stop <= self.experts:
+            raise ValueError(f"start, stop: expected 0 <= start <= stop <= {self.experts} (experts), "
+                             f"got {start}, {stop}")
+        return MoEWeights(*(w[start:stop] for w in self.projections))
 
     def expert_nbytes(self, e=0):
         """Bytes of one routed expert's three projections (what a kernel reads per used expert)."""

@@ -72,6 +72,28 @@ def test_moe_accepts_a_plain_tuple_as_shared():
     assert again.shared.down is weights.shared.down
 
 
+def test_select_experts_and_the_shared_block_are_views():
+    weights = random_moe(np.random.default_rng(2), experts=5, shared=True)
+    part = weights.select_experts(1, 4)
+    assert part.experts == 3 and part.shared is None
+    for whole, sliced in zip(weights.projections, part.projections):
+        assert np.shares_memory(whole.trellis, sliced.trellis) and sliced.trellis.flags.c_contiguous
+        assert np.array_equal(sliced[0].trellis, whole[1].trellis) and np.array_equal(sliced[2].svh, whole[3].svh)
+    assert weights.select_experts(2, 2).experts == 0
+    assert weights.gate[-2:].experts == 2 and weights.gate[3:1].experts == 0
+    block = weights.shared.as_block()
+    assert block.experts == 1 and np.shares_memory(block.gate.trellis, weights.shared.gate.trellis)
+    x = np.random.default_rng(3).standard_normal((4, weights.hidden))
+    ones, zeros = np.ones((4, 1), np.float32), np.zeros((4, 1), np.int32)
+    assert np.array_equal(reference.moe_forward(x, zeros, ones, block), reference.expert_forward(x, *weights.shared))
+    with pytest.raises(ValueError, match="^start, stop: expected 0 <= start <= stop <= 5"):
+        weights.select_experts(3, 6)
+    with pytest.raises(TypeError, match="^start: expected an integer"):
+        weights.select_experts(1.0, 2)
+    with pytest.raises(ValueError, match="^expert slice: step must be 1"):
+        weights.gate[::2]
+
+
 # --------------------------------------------------------------------------------------------
 # presets and random weights
 # --------------------------------------------------------------------------------------------

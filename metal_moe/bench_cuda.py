@@ -18,6 +18,7 @@ Method
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -25,6 +26,7 @@ import numpy as np
 from . import policy, reference
 from .api import resolve_kernel, fused_moe
 from .device import DeviceWeights
+from .format import check_codebook
 from .weights import PRESETS
 
 __all__ = ["copy_bandwidth", "random_device_weights", "run"]
@@ -139,11 +141,14 @@ class Bf16Baseline:
 
 
 def run(preset="glm-4.7-flash", batches=(1, 2, 4, 8, 16, 32, 64, 128, 512, 4096), variants="policy", repeats=20,
-        seed=0, device=0, baseline=True, progress=None, ceiling=None):
-    """Benchmark the CUDA backend on one preset; returns a JSON-serialisable dict."""
+        seed=0, device=0, baseline=True, progress=None, ceiling=None, codebook=None):
+    """Benchmark the CUDA backend on one preset (``codebook``: another codebook than the preset's,
+    for every projection); returns a JSON-serialisable dict."""
     torch = _torch()
     torch.cuda.set_device(device)
     pr = PRESETS[preset]
+    if codebook is not None:
+        pr = dataclasses.replace(pr, codebook=check_codebook(codebook))
     ceiling = ceiling or copy_bandwidth(torch)
     props = torch.cuda.get_device_properties(device)
     w0 = random_device_weights(pr, device, seed, torch)

@@ -13,6 +13,7 @@ import numpy as np
 from . import __version__, bench, policy, reference
 from .api import backends, fused_moe, resolve_kernel
 from .device import DeviceArray
+from .format import CODEBOOKS
 from .weights import PRESETS, MoEWeights
 
 # Pass/fail bound of the demo's check: max |y - ref| / max |ref|, per accumulation mode (the
@@ -75,8 +76,10 @@ def _load_weights(args):
     if args.weights:
         if not args.prefix:
             raise SystemExit("metal-moe: --weights needs --prefix (e.g. model.layers.3.mlp)")
+        if args.codebook:
+            raise SystemExit("metal-moe: --codebook is for random weights; a loaded layer has its own codebooks")
         return MoEWeights.from_safetensors(args.weights, args.prefix)
-    return MoEWeights.random(args.preset, experts=args.experts, seed=args.seed)
+    return MoEWeights.random(args.preset, experts=args.experts, seed=args.seed, codebook=args.codebook)
 
 
 # ---- demo ---------------------------------------------------------------------------------------
@@ -168,7 +171,7 @@ def _bench_cuda(args, variants):
                          "(--weights is for the CPU harness)")
     progress = Progress(args.quiet, "bench")
     res = bench_cuda.run(args.preset, batches=args.batch, variants=variants, repeats=args.repeats, seed=args.seed,
-                         baseline=not args.no_baseline, progress=progress)
+                         baseline=not args.no_baseline, progress=progress, codebook=args.codebook)
     progress.close()
     if args.json:
         with open(args.json, "w") as f:
@@ -299,6 +302,8 @@ def build_parser():
         p.add_argument("--weights", nargs="+", metavar="FILE", help="load a real EXL3 layer from .safetensors files")
         p.add_argument("--prefix", help="the layer's tensor prefix, e.g. model.layers.3.mlp (with --weights)")
         p.add_argument("--experts", type=int, default=None, help="use fewer experts than the preset (random weights)")
+        p.add_argument("--codebook", choices=CODEBOOKS, default=None,
+                       help="random weights with this codebook for every projection (default: the preset's)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -52,6 +52,18 @@ def test_demo_json():
         assert row["variant"] == policy.select(row["batch"], True, 4, 4, 4).name
 
 
+@pytest.mark.parametrize("codebook", ["mcg", "mul1"])
+def test_codebook_option_builds_random_weights_with_that_codebook(codebook, tmp_path):
+    path = tmp_path / "b.json"
+    assert cli.main(["bench", *SMALL, "--codebook", codebook, "--batch", "2", "--repeats", "1", "--warmup", "0",
+                     "--no-baseline", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert f"codebooks=('{codebook}', '{codebook}', '{codebook}')" in res["weights"]
+    assert all(r["max_rel_error"] < 1e-2 for r in res["results"])      # checked against the reference
+    with pytest.raises(SystemExit, match="--codebook is for random weights"):
+        cli.main(["demo", "--weights", "x.safetensors", "--prefix", "m", "--codebook", codebook, "--quiet"])
+
+
 def test_bench_json_schema(tmp_path):
     path = tmp_path / "b.json"
     assert cli.main(["bench", *SMALL, "--batch", "1,4", "--variants", "all", "--repeats", "2", "--warmup", "1",

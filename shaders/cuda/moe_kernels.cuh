@@ -26,8 +26,8 @@
  *       B = x^T (k = 16 inputs, n = 8 tokens)): tokens pad to 8.
  *   weights as B ("std", many tokens): mma(A = x (m = 16 tokens, k = 16), B = W (k = 16, n = 8
  *       columns)) twice per tile: tokens pad to 16.  The format's native orientation.
- * Inputs are staged per K chunk in shared memory with cp.async (double-buffered); weight words are
- * prefetched one step ahead in registers.  When tiles x column blocks would leave SMs idle (small
+ * Inputs are staged per K chunk in shared memory with cp.async (double-buffered); the weight words
+ * of each step (8 k-tiles x the CTA's 8 column tiles) too, three steps in flight (main_loop).  When tiles x column blocks would leave SMs idle (small
  * batches), K is split across CTAs (gridDim.z) and the last CTA of each output block adds the
  * partial sums in a fixed order (reduce_splits).  Accumulation: fp32 MMA accumulators, or fp16 ones (the
  * running sum rounded after every 16-row k-slice).  An fp16-accumulating tile whose sums are not

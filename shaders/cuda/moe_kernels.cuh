@@ -27,9 +27,10 @@
  *   weights as B ("std", many tokens): mma(A = x (m = 16 tokens, k = 16), B = W (k = 16, n = 8
  *       columns)) twice per tile: tokens pad to 16.  The format's native orientation.
  * Inputs are staged per K chunk in shared memory with cp.async (double-buffered); the weight words
- * of each step (8 k-tiles x the CTA's 8 column tiles) too, three steps in flight (main_loop).  When tiles x column blocks would leave SMs idle (small
- * batches), K is split across CTAs (gridDim.z) and the last CTA of each output block adds the
- * partial sums in a fixed order (reduce_splits).  Accumulation: fp32 MMA accumulators, or fp16 ones (the
+ * of each step (4 k-tiles per k-group of warps x the CTA's 8 column tiles) too, three steps in flight
+ * (main_loop).  When tiles x column blocks would leave SMs idle (small batches), K is split across
+ * CTAs (gridDim.z) and the last CTA of each output block adds the partial sums in a fixed order
+ * (reduce_splits).  Accumulation: fp32 MMA accumulators, or fp16 ones (the
  * running sum rounded after every 16-row k-slice).  An fp16-accumulating tile whose sums are not
  * finite is re-run in the same launch with fp32 accumulators for the slots that overflowed (per
  * slot, so the result never depends on which slots share a tile), and counted.

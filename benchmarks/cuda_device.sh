@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
-# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, smoke, sanitize, profile, bench, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, dist, smoke, sanitize, profile, bench, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -39,6 +39,11 @@ for step in "$@"; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 64,512,4096 --no-baseline \
                   --variants moe_trellis_swiglu_large_batch,moe_trellis_swiglu_simd 2>&1 | tee -a "$OUT/bench.txt"
               done ;;
+    dist)     # expert parallelism over nccl, one rank per visible GPU (a world of one on a single H200)
+              python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" \
+                "$REPO/benchmarks/bench_distributed.py" --preset deepseek-v3 --batch 1,64,4096 --backend cuda \
+                --json "$OUT/dist.json" > "$OUT/dist.txt" 2>&1
+              tail -20 "$OUT/dist.txt" | tee -a "$OUT/summary.txt" ;;
     benchall) for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --variants all --repeats 10 \
                   --batch 1,4,16,64,512,4096 --json "$OUT/benchall_$p.json" 2>&1 | tee -a "$OUT/benchall.txt"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
-# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, dist, smoke, sanitize, profile, bench, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, dist, tune, smoke, sanitize, profile, bench, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -44,6 +44,10 @@ for step in "$@"; do
                 "$REPO/benchmarks/bench_distributed.py" --preset deepseek-v3 --batch 1,64,4096 --backend cuda \
                 --json "$OUT/dist.json" > "$OUT/dist.txt" 2>&1
               tail -20 "$OUT/dist.txt" | tee -a "$OUT/summary.txt" ;;
+    tune)     # a tuned table per preset (in ~/.cache/metal_moe): later bench steps' policy rows use it and say so
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
+                python3 -m metal_moe tune --backend cuda --preset "$p" --quiet 2>&1 | tail -3 | tee -a "$OUT/tune.txt"
+              done ;;
     benchall) for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --variants all --repeats 10 \
                   --batch 1,4,16,64,512,4096 --json "$OUT/benchall_$p.json" 2>&1 | tee -a "$OUT/benchall.txt"

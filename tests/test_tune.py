@@ -89,3 +89,22 @@ def test_a_table_for_another_device_or_version_is_ignored(cache):
     json.dump(data, open(table["path"], "w"))
     assert tune.load("cpu") is None
     np.testing.assert_equal(mm.api.resolve_kernel(1, small(), use_fp32_acc=True).rule.startswith("tuned"), False)
+
+
+def test_cuda_bench_table_says_when_a_tuned_table_chose():
+    from metal_moe import bench_cuda
+
+    def row(batch, variant, rule):
+        return {"batch": batch, "variant": variant, "time_s": 1e-5, "weight_gbps": 1.0, "ceiling_fraction": 0.1,
+                "tflops": 1.0, "policy_choice": rule is not None, "rule": rule}
+
+    res = {"weights": "W", "device": "D", "sms": 1, "copy_ceiling_gbps": 1.0, "results": [
+        row(1, policy.DECODE + "_6_2_3", "tuned table /t.json: the fastest correct variant measured at batch 1"),
+        row(1, policy.DECODE, None),
+        row(2, policy.PREFILL4, "tuned table /t.json: the fastest correct variant measured at batch 2"),
+        row(64, policy.GENERAL, "batch >= 33 with fp32 accumulation: large_batch has no fp32acc twin")]}
+    lines = bench_cuda.table(res).splitlines()
+    assert [line for line in lines if line.startswith("# policy")] == \
+        ["# policy: tuned table /t.json where it has a measurement, else the default table"]
+    res["results"] = res["results"][1:2] + res["results"][3:]
+    assert not any(line.startswith("# policy") for line in bench_cuda.table(res).splitlines())

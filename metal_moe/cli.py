@@ -276,7 +276,7 @@ def cmd_tune(args):
         weights = _load_weights(args)
     progress = Progress(args.quiet, "tune")
     table = tune.tune(backend, args.preset, batches=args.batch, repeats=args.repeats, weights=weights,
-                      progress=progress)
+                      progress=progress, codebook=args.codebook)
     progress.close()
     failed = sorted({m["variant"] for m in table["measured"] if not m["passed"]})
     print(f"# tuned {table['key'][1]} ({table['key'][0]}, metal_moe {table['key'][2]}), bits {table['entries'][0]['bits'] if table['entries'] else '-'}")

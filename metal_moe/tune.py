@@ -120,8 +120,10 @@ def _check_cuda(variant, bits, codebooks, hidden=256, intermediate=384, experts=
 
 
 def tune(backend="cpu", preset="glm-4.7-flash", batches=(1, 2, 4, 8, 16, 32, 64, 128, 256), repeats=5, weights=None,
-         device=0, progress=None, save=True):
-    """Measure, check, choose and (``save``) store; returns the table as a dict."""
+         device=0, progress=None, save=True, codebook=None):
+    """Measure, check, choose and (``save``) store; returns the table as a dict.  On CUDA the
+    preset's random weights are made on the device, with ``codebook`` instead of the preset's when
+    given (host ``weights`` carry their own codebooks)."""
     from .weights import PRESETS, MoEWeights
 
     pr = PRESETS[preset]
@@ -130,8 +132,8 @@ def tune(backend="cpu", preset="glm-4.7-flash", batches=(1, 2, 4, 8, 16, 32, 64,
         from . import bench_cuda
 
         res = bench_cuda.run(preset, batches=batches, variants="all", repeats=repeats, device=device, baseline=False,
-                             progress=progress)
-        bits, codebooks = tuple(pr.bits), (pr.codebook,) * 3
+                             progress=progress, codebook=codebook)
+        bits, codebooks = tuple(pr.bits), (codebook or pr.codebook,) * 3
         ok = {v: _check_cuda(v, bits, codebooks) for v in {r["variant"] for r in res["results"]}}
         measured = [(r["batch"], r["variant"], r["time_s"], ok[r["variant"]]) for r in res["results"]]
     else:

@@ -197,7 +197,7 @@ def run(preset="glm-4.7-flash", batches=(1, 2, 4, 8, 16, 32, 64, 128, 512, 4096)
         chosen = resolve_kernel(batch, w0)
         entry = {
             "batch": batch, "variant": variant, "policy_choice": variant == chosen.name,
-            "rule": chosen.rule if variant == chosen.name else None,     # default table or tuned table
+            "table": chosen.table if variant == chosen.name else None,   # "default" or a tuned table's file
             "time_s": t, "cycle": cycle, "weight_copies": len(copies), "unique_experts": used,
             "weight_bytes": nbytes, "weight_gbps": nbytes / t / 1e9, "ceiling_fraction": nbytes / t / ceiling,
             "tflops": flops / t / 1e12,
@@ -239,9 +239,9 @@ def table(res):
              f"{res['copy_ceiling_gbps']:.0f} GB/s",
              f"{'batch':>5}  {'variant':<36} {'us':>9} {'GB/s':>7} {'%ceil':>6} {'TFLOP/s':>8} {'bf16 us':>9} "
              f"{'speedup':>7}  policy"]
-    rules = [r.get("rule") or "" for r in res["results"]]
-    tuned = sorted({rule.split(": ")[0] for rule in rules if rule.startswith("tuned table")})
-    lines[1:1] = [f"# policy: {table} where it has a measurement, else the default table" for table in tuned]
+    tuned = sorted({r["table"] for r in res["results"] if r.get("table") not in (None, "default")})
+    lines[1:1] = [f"# policy: tuned table {table} where it has a measurement, else the default table"
+                  for table in tuned]
     for r in res["results"]:
         bf = f"{r['bf16_s'] * 1e6:>9.1f} {r['speedup']:>7.2f}" if r.get("bf16_s") else f"{'':>17}"
         lines.append(f"{r['batch']:>5}  {r['variant']:<36} {r['time_s'] * 1e6:>9.1f} {r['weight_gbps']:>7.0f} "

@@ -255,9 +255,8 @@ def cmd_select(args):
                 f"auto: hidden {args.hidden} {'>=' if fp32 else '<'} {policy.AUTO_FP32_HIDDEN}")
     tuned = tune.load(_backend(args.backend)) if not args.default else None
     d = policy.select(args.batch, fp32, *args.bits, tuned=tuned)
-    table = tuned.source if tuned is not None and d.rule.startswith("tuned") else "default"
     data = {"batch": args.batch, "bits": list(args.bits), "hidden": args.hidden, "use_fp32_acc": fp32,
-            "fp32_rule": why_fp32, "variant": d.name, "tile_n": d.tile_n, "rule": d.rule, "table": table}
+            "fp32_rule": why_fp32, "variant": d.name, "tile_n": d.tile_n, "rule": d.rule, "table": d.table}
     if args.json:
         print(json.dumps(data, indent=1))
     else:

@@ -71,12 +71,14 @@ AUTO_FP32_HIDDEN = 1024      # use_fp32_acc=None turns fp32 accumulation on from
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """A policy decision: the variant, its tile width, and the rule that made it."""
+    """A policy decision: the variant, its tile width, the rule that made it and the table that
+    rule comes from ("default", or the tuned table's file)."""
 
     name: str
     tile_n: int
     rule: str
     use_fp32_acc: bool
+    table: str = "default"
 
 
 def fp32_fallback(name):
@@ -150,7 +152,7 @@ def select(batch_size, use_fp32_acc, gate_bits, up_bits, down_bits, tuned=None):
         if hit is not None and hit[1] in VARIANTS and accepts_bits(hit[1], bits) and \
                 not (fp32 and accumulates_fp16(hit[1])):
             return Decision(hit[1], TILE_N[hit[1]], f"tuned table {tuned.source}: the fastest correct variant "
-                                                    f"measured at batch {hit[0]}", fp32)
+                                                    f"measured at batch {hit[0]}", fp32, tuned.source)
     if batch_size == 1:
         if not fp32 and bits in SPECIALISED_BITS:
             name = next(n for n, b in _SPECIALISED.items() if b == bits)

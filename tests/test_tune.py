@@ -43,7 +43,7 @@ def test_tune_stores_a_table_the_policy_prefers(cache, monkeypatch):
     for batch, measured in ((1, 1), (3, 1), (4, 4), (500, 4)):
         d = mm.api.resolve_kernel(batch, w, use_fp32_acc=False)
         want = next(e["variant"] for e in table["entries"] if e["batch"] == measured and not e["fp32"])
-        assert d.name == want and d.rule.startswith(f"tuned table {table['path']}")
+        assert d.name == want and d.rule.startswith(f"tuned table {table['path']}") and d.table == table["path"]
     # other bits have no measurement: the default table
     other = mm.MoEWeights.random(hidden=256, intermediate=256, experts=4, bits=(4, 4, 4), seed=3)
     assert mm.api.resolve_kernel(4, other, use_fp32_acc=False) == policy.select(4, False, 4, 4, 4)
@@ -94,15 +94,15 @@ def test_a_table_for_another_device_or_version_is_ignored(cache):
 def test_cuda_bench_table_says_when_a_tuned_table_chose():
     from metal_moe import bench_cuda
 
-    def row(batch, variant, rule):
+    def row(batch, variant, table):
         return {"batch": batch, "variant": variant, "time_s": 1e-5, "weight_gbps": 1.0, "ceiling_fraction": 0.1,
-                "tflops": 1.0, "policy_choice": rule is not None, "rule": rule}
+                "tflops": 1.0, "policy_choice": table is not None, "table": table}
 
     res = {"weights": "W", "device": "D", "sms": 1, "copy_ceiling_gbps": 1.0, "results": [
-        row(1, policy.DECODE + "_6_2_3", "tuned table /t.json: the fastest correct variant measured at batch 1"),
+        row(1, policy.DECODE + "_6_2_3", "/t.json"),
         row(1, policy.DECODE, None),
-        row(2, policy.PREFILL4, "tuned table /t.json: the fastest correct variant measured at batch 2"),
-        row(64, policy.GENERAL, "batch >= 33 with fp32 accumulation: large_batch has no fp32acc twin")]}
+        row(2, policy.PREFILL4, "/t.json"),
+        row(64, policy.GENERAL, "default")]}
     lines = bench_cuda.table(res).splitlines()
     assert [line for line in lines if line.startswith("# policy")] == \
         ["# policy: tuned table /t.json where it has a measurement, else the default table"]

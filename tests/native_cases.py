@@ -14,6 +14,7 @@ import functools
 import zlib
 
 import numpy as np
+import pytest
 
 import metal_moe as mm
 from metal_moe import policy, reference
@@ -81,8 +82,11 @@ def check(out, ref, variant):
     return err
 
 
-def exl3_moe_case():
-    """The reference implementation's fused-MoE case (MCG, K 4/2/3, E=8, top-2): (io arrays, weights)."""
+def exl3_moe_case(variant=None):
+    """The reference implementation's fused-MoE case (MCG, K 4/2/3, E=8, top-2): (io arrays, weights).
+    With `variant`: skips the test if that variant is specialised for other bits."""
+    if variant is not None and not policy.accepts_bits(variant, (4, 2, 3)):
+        pytest.skip(f"{variant} is specialised for other bits than 4/2/3")
     io = np.load(moe_case_path("io"))
     parts = [np.load(moe_case_path(p)) for p in ("gate", "up", "down")]
     w = mm.MoEWeights(*(mm.TrellisWeight(d["trellis"], d["suh"], d["svh"], "mcg") for d in parts))

@@ -88,9 +88,7 @@ def test_every_variant_is_built():
 @pytest.mark.parametrize("variant", policy.VARIANTS)
 def test_exl3_moe_vector(variant):
     """The reference implementation's fused-MoE case (MCG, K 4/2/3, E=8, top-2)."""
-    if not policy.accepts_bits(variant, (4, 2, 3)):
-        pytest.skip(f"{variant} is specialised for other bits than 4/2/3")
-    io, w = exl3_moe_case()
+    io, w = exl3_moe_case(variant)
     out = poisoned(io["y"].shape)
     mm.fused_moe(dev(io["x"]), dev(io["selected_experts"]), dev(io["routing_weights"]), w.to("cuda"), kernel=variant,
                  out=out)

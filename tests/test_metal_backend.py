@@ -37,9 +37,7 @@ def test_every_variant_is_built():
 
 @pytest.mark.parametrize("variant", policy.VARIANTS)
 def test_exl3_moe_vector(variant):
-    if not policy.accepts_bits(variant, (4, 2, 3)):
-        pytest.skip(f"{variant} is specialised for other bits than 4/2/3")
-    io, w = exl3_moe_case()
+    io, w = exl3_moe_case(variant)
     out = np.full(io["y"].shape, np.nan, np.float32)
     mm.fused_moe(io["x"], io["selected_experts"], io["routing_weights"], w, backend="metal", kernel=variant, out=out)
     check_exl3_moe(out, io, w, variant)

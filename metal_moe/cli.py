@@ -260,7 +260,7 @@ def cmd_select(args):
     if args.json:
         print(json.dumps(data, indent=1))
     else:
-        shown = "default (DESIGN.md section 4)" if table == "default" else f"tuned ({table})"
+        shown = "default (DESIGN.md section 4)" if d.table == "default" else f"tuned ({d.table})"
         print(f"{d.name} (tile_n {d.tile_n})\n  rule: {d.rule}\n  fp32 accumulation: {fp32} ({why_fp32})\n"
               f"  table: {shown}")
     return 0

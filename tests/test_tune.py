@@ -69,17 +69,19 @@ def test_select_shows_which_table_decided(cache):
     table = tune.tune("cpu", weights=small(), batches=(1,), repeats=1)
     env = dict(os.environ, METAL_MOE_CACHE=str(cache))
 
-    def select(*extra):
-        r = subprocess.run([sys.executable, "-m", "metal_moe", "select", "--batch", "1", "--bits", "6,2,3", "--json",
-                            "--backend", "cpu", *extra], capture_output=True, text=True, env=env, cwd=str(cache),
-                           timeout=120)
+    def select(*extra, as_json=True):
+        r = subprocess.run([sys.executable, "-m", "metal_moe", "select", "--batch", "1", "--bits", "6,2,3",
+                            *(["--json"] if as_json else []), "--backend", "cpu", *extra], capture_output=True,
+                           text=True, env=env, cwd=str(cache), timeout=120)
         assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
+        return json.loads(r.stdout) if as_json else r.stdout
 
     tuned = select()
     assert tuned["table"] == table["path"]
     assert tuned["variant"] == next(e["variant"] for e in table["entries"] if e["fp32"] == tuned["use_fp32_acc"])
     assert select("--default")["table"] == "default"
+    assert f"table: tuned ({table['path']})" in select(as_json=False)
+    assert "table: default (DESIGN.md section 4)" in select("--default", as_json=False)
 
 
 def test_a_table_for_another_device_or_version_is_ignored(cache):

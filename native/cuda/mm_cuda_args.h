@@ -27,6 +27,7 @@ typedef struct mm_cuda_tile {
 
 typedef struct mm_cuda_args {
     int32_t hidden, intermediate, experts, has_shared, top_k, tokens_per_tile;
+    int32_t rotate_blocks;          /* mm_prep blocks per slot rotating its input */
     int64_t tokens, slots;          /* slots = tokens * top_k (+ tokens for the shared expert) */
     const void *x;                  /* [tokens, hidden] x_dtype */
     const void *ids;                /* [tokens, top_k] int32 / int64 */

@@ -13,6 +13,13 @@
  *   4. mm_combine    per token: sum_j p[t,j] * down[slot] in slot order, * rsf, + shared expert.
  * Launch 3 needs every intermediate column of a slot (its Hadamard input), and launch 4 every slot of
  * a token, so neither can start before the previous one ends: four is the fewest for this split.
+ * On sm_90 launches 2-4 are programmatic dependent launches: each kernel lets its successor start at
+ * once (griddepcontrol.launch_dependents), and the successor does whatever does not read its
+ * predecessor's results (its tile, the first weight steps into shared memory) before it waits for
+ * them (griddepcontrol.wait, which returns when the predecessor has finished and its writes are
+ * visible).  Launch gaps and pipeline fills then overlap the previous kernel's tail.
+ * Tiles of one slot (T = 1, the decode variants) need no grouping: CTA x takes slot x ("direct
+ * tiles"), so mm_prep only rotates inputs and the GEMM kernels know their expert from ids alone.
  *
  * Decoding (FORMAT.md 2, 3; constants and the window arithmetic from shaders/common/mm_exl3.h): lane
  * l of a warp owns positions 8l..8l+7 of a 16x16 tile, i.e. exactly an m16n8k16 MMA fragment.  It
@@ -279,6 +286,21 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 __device__ __forceinline__ uint32_t lds32(const uint16_t *p) { return *reinterpret_cast<const uint32_t *>(p); }
 
+/* Programmatic dependent launch (sm_90): both are no-ops when the kernel was launched without the
+ * attribute, and compiled out for older architectures, where launches are plainly stream-ordered. */
+__device__ __forceinline__ void wait_prior_grid()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 /* ---- the main loop -------------------------------------------------------------------------- */
 /* One GEMM pass of a CTA: NMAT projections (gate+up, or down) for the tile's slots over all of K,
  * accumulated per warp and stored into ep[kgroup][mat][slot][column]: floats (F32) or halves in the
@@ -287,8 +309,10 @@ __device__ __forceinline__ uint32_t lds32(const uint16_t *p) { return *reinterpr
  * Pipeline: a step is STEP_TILES k-tiles of the CTA's 8 column tiles of every projection.  The
  * weight words of a step are copied to shared memory with 16-byte cp.async (one group per step,
  * WSTAGES - 1 steps ahead); the inputs of a K chunk travel in the group of the chunk's first step.
- * Each lane then reads its three words of a tile with three LDS at fixed offsets.  FAST: every
- * projection has an LCG codebook and 2K <= KX2_TWO_WORDS (decode_lane without branches). */
+ * Each lane then reads its three words of a tile with three LDS at fixed offsets.  The prologue
+ * issues the first WSTAGES - 1 weight steps before it waits for the previous kernel (the inputs are
+ * its output), then the first input chunk as a group of its own.  FAST: every projection has an LCG
+ * codebook and 2K <= KX2_TWO_WORDS (decode_lane without branches). */
 template <class C, int NMAT, bool F32, int KX2A, int KX2B, bool FAST>
 __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], int expert, const uint16_t *xbase,
                                           int64_t mat_stride, int kdim, int ncols, int col0, const int *slot_s,
@@ -389,10 +413,10 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         }
     };
 
-    auto issue = [&](int t) {                                  /* group t: step t's weights (+ inputs) */
+    auto issue = [&](int t) {                                  /* step t's weights (+ inputs after chunk 0) */
         if (t < nsteps) {
             stage_weights(t, t % S);
-            if (t % SPC == 0 && t / SPC < nchunks) stage_inputs(t / SPC);
+            if (t % SPC == 0 && t > 0 && t / SPC < nchunks) stage_inputs(t / SPC);
         }
         cp_async_commit();
     };
@@ -438,9 +462,13 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
 
 #pragma unroll
     for (int t = 0; t < S - 1; ++t) issue(t);
+    wait_prior_grid();
+    stage_inputs(0);
+    cp_async_commit();
     int buf = 0;
     for (int step = 0; step < nsteps; ++step) {
-        cp_async_wait<S - 2>();                                  /* group `step` has landed (this thread's) */
+        if (step == 0) cp_async_wait<0>();                       /* the prologue's groups (chunk 0 is last) */
+        else cp_async_wait<S - 2>();                             /* group `step` has landed (this thread's) */
         __syncthreads();                                         /* ... everyone's; step-1's buffers are free */
         issue(step + S - 1);
         const int chunk = step / SPC;
@@ -593,17 +621,28 @@ __device__ __forceinline__ float ep_value(const char *smem, const int *bad, int 
     return v;
 }
 
-/* The tile of this CTA; false if the CTA has no work (the grid is sized for the worst case). */
+/* The tile of this CTA; false if the CTA has no work (the grid is sized for the worst case).  Direct
+ * tiles (T = 1): slot blockIdx.x, known from ids alone, so before waiting for mm_prep; otherwise
+ * entry blockIdx.x of mm_prep's tile list, after. */
 template <class C>
 __device__ __forceinline__ bool load_tile(const mm_cuda_args &a, int *slot_s, int *bad, int &expert, int &count)
 {
-    if (static_cast<int>(blockIdx.x) >= *a.ntiles) return false;
-    const mm_cuda_tile t = a.tiles[blockIdx.x];
-    expert = t.expert;
-    count = t.count;
-    if (threadIdx.x < C::T) {
-        slot_s[threadIdx.x] = threadIdx.x < t.count ? a.order[t.first + threadIdx.x] : -1;
-        bad[threadIdx.x] = 0;
+    if constexpr (C::T == 1) {
+        const int64_t s = blockIdx.x;
+        expert = s < a.slots ? slot_expert(a, s) : -1;
+        if (expert < 0) return false;                     /* an invalid id: mm_prep counted it */
+        count = 1;
+        if (threadIdx.x == 0) slot_s[0] = static_cast<int>(s), bad[0] = 0;
+    } else {
+        wait_prior_grid();
+        if (static_cast<int>(blockIdx.x) >= *a.ntiles) return false;
+        const mm_cuda_tile t = a.tiles[blockIdx.x];
+        expert = t.expert;
+        count = t.count;
+        if (threadIdx.x < C::T) {
+            slot_s[threadIdx.x] = threadIdx.x < t.count ? a.order[t.first + threadIdx.x] : -1;
+            bad[threadIdx.x] = 0;
+        }
     }
     __syncthreads();
     return true;
@@ -615,6 +654,7 @@ __global__ void __launch_bounds__(C::THREADS) mm_gate_up(const mm_cuda_args a)
 {
     extern __shared__ __align__(16) char smem[];
     __shared__ int slot_s[C::T], bad[C::T];
+    allow_next_grid();                                   /* mm_down may start: it waits for this grid */
     int expert, count;
     if (!load_tile<C>(a, slot_s, bad, expert, count)) return;
     const int shared = expert == a.experts;
@@ -667,6 +707,7 @@ __global__ void __launch_bounds__(C::THREADS) mm_down(const mm_cuda_args a)
 {
     extern __shared__ __align__(16) char smem[];
     __shared__ int slot_s[C::T], bad[C::T];
+    allow_next_grid();                                   /* mm_combine may start: it waits for this grid */
     int expert, count;
     if (!load_tile<C>(a, slot_s, bad, expert, count)) return;
     const int shared = expert == a.experts;
@@ -742,17 +783,36 @@ __device__ int block_exclusive_scan(int *v, int n, int *warp_sums)
     return total;
 }
 
+/* f(s, expert of s) for every slot s of this thread (s = threadIdx.x + k * PREP_THREADS), the
+ * experts of ROUTE_ILP slots loaded before any is used: one block walks all slots, so the loop is
+ * bound by the latency of its loads. */
+constexpr int ROUTE_ILP = 8;
+template <class F>
+__device__ __forceinline__ void for_slots(const mm_cuda_args &a, F f)
+{
+    for (int64_t s0 = threadIdx.x; s0 < a.slots; s0 += ROUTE_ILP * PREP_THREADS) {
+        int e[ROUTE_ILP];
+#pragma unroll
+        for (int i = 0; i < ROUTE_ILP; ++i) {
+            const int64_t s = s0 + i * PREP_THREADS;
+            e[i] = s < a.slots ? slot_expert(a, s) : -2;
+        }
+#pragma unroll
+        for (int i = 0; i < ROUTE_ILP; ++i)
+            if (e[i] != -2) f(s0 + i * PREP_THREADS, e[i]);
+    }
+}
+
 __device__ void route(const mm_cuda_args &a)
 {
     __shared__ int cnt[MAX_EXPERTS], base[MAX_EXPERTS], tbase[MAX_EXPERTS], warp_sums[PREP_THREADS / 32 + 1];
     const int nexp = a.experts + a.has_shared, T = a.tokens_per_tile;
     for (int e = threadIdx.x; e < nexp; e += PREP_THREADS) cnt[e] = 0;
     __syncthreads();
-    for (int64_t s = threadIdx.x; s < a.slots; s += PREP_THREADS) {
-        const int e = slot_expert(a, s);
+    for_slots(a, [&](int64_t, int e) {
         if (e >= 0) atomicAdd(&cnt[e], 1);
         else atomicAdd(&a.counters[1], 1ull);
-    }
+    });
     __syncthreads();
     for (int e = threadIdx.x; e < nexp; e += PREP_THREADS) {
         base[e] = cnt[e];
@@ -772,26 +832,35 @@ __device__ void route(const mm_cuda_args &a)
         }
     }
     __syncthreads();
-    for (int64_t s = threadIdx.x; s < a.slots; s += PREP_THREADS) {       /* base[] becomes a cursor */
-        const int e = slot_expert(a, s);
+    for_slots(a, [&](int64_t s, int e) {                                 /* base[] becomes a cursor */
         if (e >= 0) a.order[atomicAdd(&base[e], 1)] = static_cast<int>(s);
-    }
+    });
     if (threadIdx.x == 0) *a.ntiles = ntiles;
 }
 
+/* Blocks [0, route_blocks): the routing (none for direct tiles); then a.rotate_blocks blocks per
+ * slot, each rotating a share of the slot's 2 x hidden / 128 Hadamard blocks (several per slot when
+ * the slots are few, so that a small batch's rotation is spread over the SMs). */
 __global__ void __launch_bounds__(PREP_THREADS) mm_prep(const mm_cuda_args a)
 {
-    if (blockIdx.x == 0) {
+    allow_next_grid();                                     /* mm_gate_up may start: it waits for this grid */
+    const int route_blocks = a.tokens_per_tile == 1 ? 0 : 1;
+    if (static_cast<int>(blockIdx.x) < route_blocks) {
         route(a);
         return;
     }
-    const int64_t s = blockIdx.x - 1;
+    const int rb = a.rotate_blocks;
+    const int64_t s = (blockIdx.x - route_blocks) / rb;
+    const int part = static_cast<int>((blockIdx.x - route_blocks) % rb);
     const int e = slot_expert(a, s);
-    if (e < 0) return;                                     /* never read: the slot is in no tile */
+    if (e < 0) {                                           /* never read: the slot is in no tile */
+        if (!route_blocks && part == 0 && threadIdx.x == 0) atomicAdd(&a.counters[1], 1ull);
+        return;
+    }
     const int shared = e == a.experts;
     const int64_t ex = shared ? 0 : e, t = slot_token(a, s);
     const int H = a.hidden, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int item = warp; item < 2 * (H / MM_HAD); item += PREP_THREADS / 32) {
+    for (int item = part * (PREP_THREADS / 32) + warp; item < 2 * (H / MM_HAD); item += rb * (PREP_THREADS / 32)) {
         const int m = item / (H / MM_HAD), k0 = (item % (H / MM_HAD)) * MM_HAD + 4 * lane;
         const uint16_t *suh = a.proj[shared][m].suh + ex * H;
         float v[4];
@@ -810,6 +879,7 @@ constexpr int COMBINE_THREADS = 256;
 
 __global__ void __launch_bounds__(COMBINE_THREADS) mm_combine(const mm_cuda_args a)
 {
+    wait_prior_grid();
     const int64_t t = blockIdx.x;
     const int H = a.hidden;
     const int h0 = 4 * (blockIdx.y * COMBINE_THREADS + threadIdx.x);

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
-# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, dist, tune, smoke, sanitize, profile, bench, nopdl, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -24,6 +24,8 @@ for step in "$@"; do
   case $step in
     tests)    python3 -m pytest -q -p no:cacheprovider -n 8 "$REPO/tests" > "$OUT/tests.log" 2>&1
               tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt" ;;
+    disttest) python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_distributed.py" > "$OUT/disttest.log" 2>&1
+              grep -E "^E  .*(assert|Error|\(|failed)|passed|failed" "$OUT/disttest.log" | tail -25 | tee -a "$OUT/summary.txt" ;;
     quick)    python3 -m pytest -q -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k "not variant_matches" > "$OUT/quick.log" 2>&1
               tail -25 "$OUT/quick.log" | tee -a "$OUT/summary.txt"
               grep -qE "[0-9]+ (failed|error)" "$OUT/quick.log" && { echo "quick failed: stopping"; exit 1; } ;;

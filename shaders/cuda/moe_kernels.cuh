@@ -309,10 +309,11 @@ __device__ __forceinline__ void allow_next_grid()
  * Pipeline: a step is STEP_TILES k-tiles of the CTA's 8 column tiles of every projection.  The
  * weight words of a step are copied to shared memory with 16-byte cp.async (one group per step,
  * WSTAGES - 1 steps ahead); the inputs of a K chunk travel in the group of the chunk's first step.
- * Each lane then reads its three words of a tile with three LDS at fixed offsets.  The prologue
- * issues the first WSTAGES - 1 weight steps before it waits for the previous kernel (the inputs are
- * its output), then the first input chunk as a group of its own.  FAST: every projection has an LCG
- * codebook and 2K <= KX2_TWO_WORDS (decode_lane without branches). */
+ * Each lane then reads its three words of a tile with three LDS at fixed offsets.  With direct
+ * tiles (T = 1) the prologue issues the first WSTAGES - 1 weight steps before it waits for the
+ * previous kernel (the inputs are its output), then the first input chunk as a group of its own;
+ * otherwise load_tile has waited already and chunk 0 travels with step 0.  FAST: every projection
+ * has an LCG codebook and 2K <= KX2_TWO_WORDS (decode_lane without branches). */
 template <class C, int NMAT, bool F32, int KX2A, int KX2B, bool FAST>
 __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], int expert, const uint16_t *xbase,
                                           int64_t mat_stride, int kdim, int ncols, int col0, const int *slot_s,
@@ -413,10 +414,12 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         }
     };
 
-    auto issue = [&](int t) {                                  /* step t's weights (+ inputs after chunk 0) */
+    /* Direct tiles stage chunk 0's inputs after the weight prologue, in a group of their own */
+    constexpr bool LATE_CHUNK0 = T == 1;
+    auto issue = [&](int t) {                                  /* group t: step t's weights (+ inputs) */
         if (t < nsteps) {
             stage_weights(t, t % S);
-            if (t % SPC == 0 && t > 0 && t / SPC < nchunks) stage_inputs(t / SPC);
+            if (t % SPC == 0 && (t > 0 || !LATE_CHUNK0) && t / SPC < nchunks) stage_inputs(t / SPC);
         }
         cp_async_commit();
     };
@@ -460,14 +463,17 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         }
     };
 
+    if constexpr (!LATE_CHUNK0) wait_prior_grid();             /* (load_tile waited already) */
 #pragma unroll
     for (int t = 0; t < S - 1; ++t) issue(t);
-    wait_prior_grid();
-    stage_inputs(0);
-    cp_async_commit();
+    if constexpr (LATE_CHUNK0) {
+        wait_prior_grid();
+        stage_inputs(0);
+        cp_async_commit();
+    }
     int buf = 0;
     for (int step = 0; step < nsteps; ++step) {
-        if (step == 0) cp_async_wait<0>();                       /* the prologue's groups (chunk 0 is last) */
+        if (LATE_CHUNK0 && step == 0) cp_async_wait<0>();        /* the prologue's groups (chunk 0 is last) */
         else cp_async_wait<S - 2>();                             /* group `step` has landed (this thread's) */
         __syncthreads();                                         /* ... everyone's; step-1's buffers are free */
         issue(step + S - 1);

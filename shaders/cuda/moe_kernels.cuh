@@ -92,7 +92,13 @@ struct Config {
     {
         return inputs_bytes(nmat) > ep32_bytes(nmat) ? inputs_bytes(nmat) : ep32_bytes(nmat);
     }
-    static constexpr size_t smem_bytes(int nmat) { return ep16_offset(nmat) + (F32 ? 0 : ep32_bytes(nmat) / 2); }
+    /* each thread's copy plan (main_loop): per projection COPIES 16-byte copies and one 8-byte copy
+     * of every step, as (source word offset from the step's first tile, staged word offset), in a
+     * region of its own: [nmat][COPIES + 1][THREADS] int2, each thread reading only its column */
+    static constexpr int COPIES = (STEP_TILES * NWARP_N * 16 + THREADS - 1) / THREADS;
+    static_assert(STEP_TILES * NWARP_N <= THREADS, "one 8-byte copy per thread and step");
+    static constexpr size_t plan_offset(int nmat) { return ep16_offset(nmat) + (F32 ? 0 : ep32_bytes(nmat) / 2); }
+    static constexpr size_t smem_bytes(int nmat) { return plan_offset(nmat) + 8ull * nmat * (COPIES + 1) * THREADS; }
 };
 
 /* ---- small helpers -------------------------------------------------------------------------- */
@@ -393,23 +399,44 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         }
     };
 
-    /* step t's weights into stage buffer `buf`: per projection STEP_TILES x 8 tiles of nd words
-     * (nd / 4 = kx2 16-byte pieces each), then each tile's first two words again after it */
+    /* A step's weights, per projection: STEP_TILES x 8 tiles of nd words (nd / 4 = kx2 16-byte
+     * pieces each), then each tile's first two words again after it.  Which pieces this thread
+     * copies is the same for every step: planned once here (the divisions by the run-time piece
+     * count would otherwise cost ~100 instructions per step), read back as (source, destination). */
+    int2 *plan = reinterpret_cast<int2 *>(smem + C::plan_offset(NMAT));
+    constexpr int CP = C::COPIES;
+#pragma unroll
+    for (int m = 0; m < NMAT; ++m) {
+        const int pieces = kx2s[m], total = STEP_TILES * NWARP_N * pieces;
+#pragma unroll
+        for (int r = 0; r <= CP; ++r) {
+            int2 e = make_int2(-1, 0);
+            if (r < CP) {
+                const int i = tid + r * C::THREADS;
+                if (i < total) {
+                    const int tile = i / pieces, c = i - tile * pieces;
+                    e = make_int2((tile / NWARP_N) * kstride[m] + (tile % NWARP_N) * nd[m] + 4 * c, tile * TW + 4 * c);
+                }
+            } else if (tid < STEP_TILES * NWARP_N) {
+                e = make_int2((tid / NWARP_N) * kstride[m] + (tid % NWARP_N) * nd[m], tid * TW + nd[m]);
+            }
+            plan[(m * (CP + 1) + r) * C::THREADS + tid] = e;
+        }
+    }
+
+    /* step t's weights into stage buffer `buf` */
     auto stage_weights = [&](int t, int buf) {
 #pragma unroll
         for (int m = 0; m < NMAT; ++m) {
             const uint32_t *src = wsrc[m] + static_cast<int64_t>(t) * STEP_TILES * kstride[m];
             uint32_t *dst = ws + (buf * NMAT + m) * MAT_WORDS;
-            const int pieces = kx2s[m], total = STEP_TILES * NWARP_N * pieces;
-            const uint32_t inv = (65536u + pieces - 1) / pieces;     /* i / pieces for i < 2^16 / 16 */
-            for (int i = tid; i < total; i += C::THREADS) {
-                const int tile = static_cast<int>((i * inv) >> 16), c = i - tile * pieces;
-                const int kt = tile / NWARP_N, jt = tile % NWARP_N;
-                cp_async16(dst + tile * TW + 4 * c, src + kt * kstride[m] + jt * nd[m] + 4 * c);
-            }
-            for (int tile = tid; tile < STEP_TILES * NWARP_N; tile += C::THREADS) {
-                const int kt = tile / NWARP_N, jt = tile % NWARP_N;
-                cp_async8(dst + tile * TW + nd[m], src + kt * kstride[m] + jt * nd[m]);
+#pragma unroll
+            for (int r = 0; r <= CP; ++r) {
+                const int2 e = plan[(m * (CP + 1) + r) * C::THREADS + tid];
+                if (e.x >= 0) {
+                    if (r < CP) cp_async16(dst + e.y, src + e.x);
+                    else cp_async8(dst + e.y, src + e.x);
+                }
             }
         }
     };

@@ -92,13 +92,10 @@ struct Config {
     {
         return inputs_bytes(nmat) > ep32_bytes(nmat) ? inputs_bytes(nmat) : ep32_bytes(nmat);
     }
-    /* each thread's copy plan (main_loop): per projection COPIES 16-byte copies and one 8-byte copy
-     * of every step, as (source word offset from the step's first tile, staged word offset), in a
-     * region of its own: [nmat][COPIES + 1][THREADS] int2, each thread reading only its column */
+    static constexpr size_t smem_bytes(int nmat) { return ep16_offset(nmat) + (F32 ? 0 : ep32_bytes(nmat) / 2); }
+    /* 16-byte weight copies per thread per projection and step, at most (main_loop's copy plan) */
     static constexpr int COPIES = (STEP_TILES * NWARP_N * 16 + THREADS - 1) / THREADS;
     static_assert(STEP_TILES * NWARP_N <= THREADS, "one 8-byte copy per thread and step");
-    static constexpr size_t plan_offset(int nmat) { return ep16_offset(nmat) + (F32 ? 0 : ep32_bytes(nmat) / 2); }
-    static constexpr size_t smem_bytes(int nmat) { return plan_offset(nmat) + 8ull * nmat * (COPIES + 1) * THREADS; }
 };
 
 /* ---- small helpers -------------------------------------------------------------------------- */
@@ -401,10 +398,11 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
 
     /* A step's weights, per projection: STEP_TILES x 8 tiles of nd words (nd / 4 = kx2 16-byte
      * pieces each), then each tile's first two words again after it.  Which pieces this thread
-     * copies is the same for every step: planned once here (the divisions by the run-time piece
-     * count would otherwise cost ~100 instructions per step), read back as (source, destination). */
-    int2 *plan = reinterpret_cast<int2 *>(smem + C::plan_offset(NMAT));
+     * copies is the same for every step: planned once here, in registers (the divisions by the
+     * run-time piece count would otherwise cost ~100 instructions per step), as (source word offset
+     * from the step's first tile, staged word offset); x = -1: no copy. */
     constexpr int CP = C::COPIES;
+    int2 plan[NMAT][CP + 1];
 #pragma unroll
     for (int m = 0; m < NMAT; ++m) {
         const int pieces = kx2s[m], total = STEP_TILES * NWARP_N * pieces;
@@ -420,7 +418,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
             } else if (tid < STEP_TILES * NWARP_N) {
                 e = make_int2((tid / NWARP_N) * kstride[m] + (tid % NWARP_N) * nd[m], tid * TW + nd[m]);
             }
-            plan[(m * (CP + 1) + r) * C::THREADS + tid] = e;
+            plan[m][r] = e;
         }
     }
 
@@ -432,7 +430,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
             uint32_t *dst = ws + (buf * NMAT + m) * MAT_WORDS;
 #pragma unroll
             for (int r = 0; r <= CP; ++r) {
-                const int2 e = plan[(m * (CP + 1) + r) * C::THREADS + tid];
+                const int2 e = plan[m][r];
                 if (e.x >= 0) {
                     if (r < CP) cp_async16(dst + e.y, src + e.x);
                     else cp_async8(dst + e.y, src + e.x);

@@ -3,8 +3,9 @@
  *
  * A forward is four launches on the caller's stream:
  *   1. mm_prep       block 0 groups the slots by expert (counting sort in shared memory) and writes
- *                    the tile list; every other block rotates one slot's input for gate and up:
- *                    fp16(x * suh) -> Hadamard -> fp16.  (Both only need ids, so they share a launch.)
+ *                    the tile list (not for direct tiles, below); the other blocks, one or more per
+ *                    slot, rotate the slots' inputs for gate and up: fp16(x * suh) -> Hadamard -> fp16.
+ *                    (Both only need ids, so they share a launch.)
  *   2. mm_gate_up<>  per (tile of up to T slots of one expert, 128 intermediate columns): the gate and
  *                    up GEMMs with weights decoded in registers and consumed by tensor-core MMAs, then
  *                    the fused epilogue: output Hadamard, * svh, SwiGLU, * suh_down, the down input

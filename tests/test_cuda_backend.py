@@ -48,6 +48,7 @@ except Exception:                         # pragma: no cover - depends on the ma
     HAVE_CUPY = False
 
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch with CUDA is not installed")
+EXPERTS_OUT_OF_RANGE = 1000               # an expert id no test layer has
 
 _device_weights = {}
 
@@ -171,6 +172,70 @@ def test_invalid_ids_make_nan_rows_and_are_counted():
     y = out.numpy()
     assert np.all(np.isnan(y[2])) and np.all(np.isfinite(np.delete(y, 2, axis=0)))
     assert mm.stats()["cuda_invalid_ids"] == 1
+
+
+def test_invalid_ids_with_direct_tiles():
+    """The decode variants take one slot per CTA (no routing block): an invalid id is counted by the
+    input rotation and its token's row is NaN, also when every id of the token is invalid."""
+    w = device_weights("3inst", (6, 2, 3), True)
+    x, ids, p = inputs(3)
+    ids = ids.copy()
+    ids[0, 1] = -1
+    ids[2, :] = EXPERTS_OUT_OF_RANGE
+    for variant in (policy.DECODE, "moe_trellis_swiglu_decode_6_2_3"):
+        mm.reset_stats()
+        out = poisoned((3, HIDDEN))
+        mm.fused_moe(dev(x), dev(ids), dev(p), w, kernel=variant, out=out)
+        y = out.numpy()
+        assert np.all(np.isnan(y[0])) and np.all(np.isnan(y[2])) and np.all(np.isfinite(y[1])), variant
+        assert mm.stats()["cuda_invalid_ids"] == 1 + ids.shape[1], variant
+
+
+_LAUNCH_ENV_SCRIPT = """
+import os, sys, numpy as np, metal_moe as mm
+sys.path.insert(0, {tests!r})
+from native_cases import HIDDEN, inputs, weights
+print(mm.Context("cuda").simd)
+w = weights("mcg", (6, 2, 3), True).to("cuda")
+for batch, variant in {cases!r}:
+    x, ids, p = inputs(batch)
+    out = mm.DeviceArray.from_numpy(np.full((batch, HIDDEN), np.nan, np.float32))
+    mm.fused_moe(mm.DeviceArray.from_numpy(x), mm.DeviceArray.from_numpy(ids), mm.DeviceArray.from_numpy(p), w,
+                 kernel=variant, out=out)
+    np.save(os.path.join({folder!r}, f"{{batch}}_{{variant}}.npy"), out.numpy())
+"""
+
+
+def _run_with_env(tmp_path, env, cases):
+    import subprocess
+    import sys
+
+    script = _LAUNCH_ENV_SCRIPT.format(tests=os.path.dirname(__file__), cases=cases, folder=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[0], {c: np.load(tmp_path / f"{c[0]}_{c[1]}.npy") for c in cases}
+
+
+def test_programmatic_launches_change_no_bit(tmp_path):
+    """METAL_MOE_CUDA_PDL=0 (ordinary launches) gives bitwise the same results as the default."""
+    cases = [(1, policy.DECODE), (5, policy.PREFILL4), (33, policy.GENERAL + policy.FP32ACC), (64, policy.LARGE_BATCH)]
+    (tmp_path / "on").mkdir()
+    (tmp_path / "off").mkdir()
+    simd_on, on = _run_with_env(tmp_path / "on", {}, cases)
+    simd_off, off = _run_with_env(tmp_path / "off", {"METAL_MOE_CUDA_PDL": "0"}, cases)
+    assert "programmatic launches" not in simd_off
+    for case in cases:
+        assert np.all(np.isfinite(on[case])), case
+        assert np.array_equal(on[case], off[case]), case
+
+
+def test_timing_diagnostic_says_so(tmp_path):
+    """METAL_MOE_CUDA_LAUNCHES=1..3 (timing only) is named in Context.simd; other values are ignored."""
+    simd, _ = _run_with_env(tmp_path, {"METAL_MOE_CUDA_LAUNCHES": "2"}, [])
+    assert "TIMING ONLY" in simd
+    simd, _ = _run_with_env(tmp_path, {"METAL_MOE_CUDA_LAUNCHES": "7"}, [])
+    assert "TIMING ONLY" not in simd
 
 
 def test_fp16_overflow_is_rerun_on_the_device():

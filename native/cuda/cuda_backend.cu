@@ -171,8 +171,7 @@ size_t align_up(size_t n) { return (n + 255) & ~static_cast<size_t>(255); }
 
 /* One launch on `stream`; `after_previous`: a programmatic dependent launch, which may start
  * before the previous kernel on the stream ends (the kernel waits for it: griddepcontrol.wait). */
-template <class... Args>
-cudaError_t launch(void (*kernel)(Args...), dim3 grid, unsigned threads, size_t smem, cudaStream_t stream,
+cudaError_t launch(void (*kernel)(const mm_cuda_args), dim3 grid, unsigned threads, size_t smem, cudaStream_t stream,
                    bool after_previous, const mm_cuda_args &a)
 {
     cudaLaunchAttribute attr;

@@ -489,9 +489,8 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         }
     };
 
-    if constexpr (!LATE_CHUNK0) wait_prior_grid();             /* (load_tile waited already) */
 #pragma unroll
-    for (int t = 0; t < S - 1; ++t) issue(t);
+    for (int t = 0; t < S - 1; ++t) issue(t);                  /* T > 1: load_tile waited already */
     if constexpr (LATE_CHUNK0) {
         wait_prior_grid();
         stage_inputs(0);

@@ -12,6 +12,7 @@ in a collective.
 """
 
 import functools
+import math
 import os
 import sys
 import traceback
@@ -246,7 +247,9 @@ def timed(r):
     totals = timer.read()
     assert {"route", "counts", "dispatch", "experts", "return", "shared", "combine"} <= set(totals), totals
     comm = timer.communication
-    assert comm == totals["counts"] + totals["dispatch"] + totals["return"], (comm, totals)
+    # isclose, not ==: since Python 3.12 sum() of floats is compensated, so it can differ from a + b + c
+    # in the last bit (this was the "flaky" failure on the device, whose Python is 3.12)
+    assert math.isclose(comm, totals["counts"] + totals["dispatch"] + totals["return"], rel_tol=1e-12), (comm, totals)
     assert comm > 0, (comm, totals)
 
 

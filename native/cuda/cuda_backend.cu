@@ -1,5 +1,5 @@
 /*
- * The CUDA backend: contexts, the workspace, pointer checks and the four launches of a forward
+ * The CUDA backend: contexts, the workspace, pointer checks and the three launches of a forward
  * (shaders/cuda/moe_kernels.cuh says what each does).
  *
  * Stream semantics: everything runs on the stream the caller passes (NULL: the legacy default
@@ -76,6 +76,7 @@ struct CudaContext {
     char simd[320] = "";
     std::mutex lock;
     Buffer workspace;                       /* the current one */
+    Buffer out_tickets;                     /* the combine's [tokens][hidden / 128] tickets, zero between calls */
     std::vector<Buffer> retired;            /* outgrown, kept alive for captured graphs */
     unsigned long long *counters = nullptr; /* device: [0] fp32 re-runs, [1] invalid ids */
     cudaEvent_t last_done = nullptr;
@@ -84,7 +85,7 @@ struct CudaContext {
     cudaStream_t last_stream = nullptr;
     bool has_last = false;
     bool pdl = false;                       /* programmatic dependent launches (sm_90+) */
-    int launches = 4;                       /* < 4: a timing diagnostic (METAL_MOE_CUDA_LAUNCHES) */
+    int launches = 3;                       /* < 3: a timing diagnostic (METAL_MOE_CUDA_LAUNCHES) */
 };
 
 mm_status cuda_fail(cudaError_t err, const char *what)
@@ -118,6 +119,7 @@ void cuda_destroy(mm_context *ctx)
         DeviceGuard guard(c->device);
         cudaDeviceSynchronize();            /* work still queued may use the workspace */
         cudaFree(c->workspace.ptr);
+        cudaFree(c->out_tickets.ptr);
         for (Buffer &b : c->retired) cudaFree(b.ptr);
         cudaFree(c->counters);
         cudaFree(c->tickets);
@@ -299,6 +301,26 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
         if (c->workspace.ptr) c->retired.push_back(c->workspace);
         c->workspace = b;
     }
+    const size_t ticket_bytes = 4ull * call->tokens * (H / mm::COLS);
+    if (c->out_tickets.bytes < ticket_bytes) {
+        if (capturing)
+            return mm_fail(MM_ERR_UNSUPPORTED,
+                           "workspace: this call needs %zu bytes of combine tickets and the stream is being captured "
+                           "into a graph, where nothing may be allocated; run one call of at least this batch size "
+                           "before capturing (the workspace is sized once per context)", ticket_bytes);
+        Buffer b;
+        err = cudaMalloc(&b.ptr, ticket_bytes);
+        if (err == cudaSuccess) err = cudaMemsetAsync(b.ptr, 0, ticket_bytes, stream);   /* before any kernel of the call */
+        if (err != cudaSuccess) {
+            cudaGetLastError();
+            cudaFree(b.ptr);
+            return mm_fail(MM_ERR_OUT_OF_MEMORY, "workspace: cannot allocate %zu bytes on CUDA device %d (%s)",
+                           ticket_bytes, dev, cudaGetErrorString(err));
+        }
+        b.bytes = ticket_bytes;
+        if (c->out_tickets.ptr) c->retired.push_back(c->out_tickets);
+        c->out_tickets = b;
+    }
     if (!capturing && c->has_last && c->last_stream != stream) {
         err = cudaStreamWaitEvent(stream, c->last_done, 0);
         if (err != cudaSuccess) return cuda_fail(err, "cudaStreamWaitEvent");
@@ -344,6 +366,7 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     a.ntiles = reinterpret_cast<int32_t *>(ws + off_ntiles);
     a.partial = reinterpret_cast<float *>(ws + off_partial);
     a.tickets = c->tickets;
+    a.out_tickets = static_cast<int32_t *>(c->out_tickets.ptr);
     a.counters = c->counters;
     /* mm_prep: the routing block (none for direct tiles), then enough blocks per slot that a small
      * batch's rotation covers about two blocks per SM (8 warps a block, one Hadamard block a warp) */
@@ -352,7 +375,6 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     a.rotate_blocks = static_cast<int32_t>(
         std::max<int64_t>(1, std::min<int64_t>((had_blocks + warps - 1) / warps, 2ll * sms / slots)));
 
-    const unsigned hblocks = static_cast<unsigned>((H / 4 + mm::COMBINE_THREADS - 1) / mm::COMBINE_THREADS);
     const bool pdl = c->pdl;
     if ((err = launch(mm::mm_prep, dim3(static_cast<unsigned>(route_blocks + slots * a.rotate_blocks)),
                       mm::PREP_THREADS, 0, stream, false, a)) != cudaSuccess)
@@ -365,10 +387,6 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
         (err = launch(L.down, dim3(static_cast<unsigned>(max_tiles), H / mm::COLS, split_dn), L.threads, L.smem_down,
                       stream, pdl, a)) != cudaSuccess)
         return cuda_fail(err, "launch of mm_down");
-    if (c->launches >= 4 &&
-        (err = launch(mm::mm_combine, dim3(static_cast<unsigned>(call->tokens), hblocks), mm::COMBINE_THREADS, 0,
-                      stream, pdl, a)) != cudaSuccess)
-        return cuda_fail(err, "launch of mm_combine");
     if (!capturing) {
         if ((err = cudaEventRecord(c->last_done, stream)) != cudaSuccess) return cuda_fail(err, "cudaEventRecord");
         c->last_stream = stream;
@@ -509,16 +527,16 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
                        major, minor);
     }
     /* Diagnostics for measurements, read once per context: METAL_MOE_CUDA_PDL=0 turns the programmatic
-     * dependent launches off (A/B in one run); METAL_MOE_CUDA_LAUNCHES=1..3 issues only the first
+     * dependent launches off (A/B in one run); METAL_MOE_CUDA_LAUNCHES=1..2 issues only the first
      * launches of each forward (the output is then NOT written), to time each launch's share of a
      * graph replay. */
     const char *pdl_env = getenv("METAL_MOE_CUDA_PDL"), *launches_env = getenv("METAL_MOE_CUDA_LAUNCHES");
     c->pdl = c->props.major >= 9 && !(pdl_env && strcmp(pdl_env, "0") == 0);
-    if (launches_env && launches_env[0] >= '1' && launches_env[0] <= '3' && !launches_env[1])
+    if (launches_env && launches_env[0] >= '1' && launches_env[0] <= '2' && !launches_env[1])
         c->launches = launches_env[0] - '0';
     snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s)", c->props.major, c->props.minor, c->props.name,
              c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
-             c->launches < 4 ? ", TIMING ONLY: first launches of each forward, no output" : "");
+             c->launches < 3 ? ", TIMING ONLY: first launches of each forward, no output" : "");
     if ((err = cudaMalloc(&c->counters, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaMemset(c->counters, 0, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaEventCreateWithFlags(&c->last_done, cudaEventDisableTiming)) != cudaSuccess ||

@@ -45,6 +45,7 @@ typedef struct mm_cuda_args {
     int32_t *ntiles;                /* [1] */
     float *partial;                 /* split K: [max_tiles * column blocks * splits][mat][T][128] */
     int32_t *tickets;               /* split K: [max_tiles * column blocks], zero between calls */
+    int32_t *out_tickets;           /* the combine: [tokens][hidden / 128] arrivals, zero between calls */
     unsigned long long *counters;   /* per context: [0] tiles re-run in fp32, [1] invalid expert ids */
 } mm_cuda_args;
 

@@ -1,7 +1,7 @@
 /*
  * The CUDA kernels: one template family, specialised per variant in native/cuda/cuda_backend.cu.
  *
- * A forward is four launches on the caller's stream:
+ * A forward is three launches on the caller's stream:
  *   1. mm_prep       block 0 groups the slots by expert (counting sort in shared memory) and writes
  *                    the tile list (not for direct tiles, below); the other blocks, one or more per
  *                    slot, rotate the slots' inputs for gate and up: fp16(x * suh) -> Hadamard -> fp16.
@@ -10,11 +10,14 @@
  *                    up GEMMs with weights decoded in registers and consumed by tensor-core MMAs, then
  *                    the fused epilogue: output Hadamard, * svh, SwiGLU, * suh_down, the down input
  *                    Hadamard; writes the fp16 down input.
- *   3. mm_down<>     per (tile, 128 hidden columns): the down GEMM, output Hadamard, * svh; fp32 out.
- *   4. mm_combine    per token: sum_j p[t,j] * down[slot] in slot order, * rsf, + shared expert.
- * Launch 3 needs every intermediate column of a slot (its Hadamard input), and launch 4 every slot of
- * a token, so neither can start before the previous one ends: four is the fewest for this split.
- * On sm_90 launches 2-4 are programmatic dependent launches: each kernel lets its successor start at
+ *   3. mm_down<>     per (tile, 128 hidden columns): the down GEMM, output Hadamard, * svh; fp32 rows;
+ *                    then the combine of those 128 columns of each token whose last slot this CTA
+ *                    delivered (a ticket per token and column block): sum_j p[t,j] * down[slot] in
+ *                    slot order, * rsf, + shared expert -- the same sums in the same order whichever
+ *                    CTA arrives last.  (Tokens with no valid slot get their NaN row from mm_prep.)
+ * Launch 3 needs every intermediate column of a slot (its Hadamard input), so it cannot start
+ * before launch 2 ends: three is the fewest for this split.
+ * On sm_90 launches 2-3 are programmatic dependent launches: each kernel lets its successor start at
  * once (griddepcontrol.launch_dependents), and the successor does whatever does not read its
  * predecessor's results (its tile, the first weight steps into shared memory) before it waits for
  * them (griddepcontrol.wait, which returns when the predecessor has finished and its writes are
@@ -274,14 +277,14 @@ __device__ __forceinline__ void mma_f16(uint32_t c[2], const uint32_t a[4], uint
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+__device__ __forceinline__ unsigned smem_address(const void *p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+/* s: a shared-space byte address */
+__device__ __forceinline__ void cp_async16(unsigned s, const void *gmem)
 {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
-__device__ __forceinline__ void cp_async8(void *smem, const void *gmem)
+__device__ __forceinline__ void cp_async8(unsigned s, const void *gmem)
 {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -385,54 +388,65 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         for (int i = 0; i < (F32 ? 1 : NACC / 2); ++i) acch[m][i] = 0u;
     }
 
+    /* chunk `chunk` of the tile's input rows (rows past count are never read): VPR = KC / 8 16-byte
+     * pieces per full row, a power of two, so no run-time division; a short last chunk copies nvec */
     auto stage_inputs = [&](int chunk) {
-        const int k0 = kbeg + chunk * KC, kc = min(KC, kend - k0);
-        uint16_t *dst = xs + (chunk & 1) * NMAT * T * XS;
-        const int vec_per_row = kc / 8;
-        const int total = NMAT * count * vec_per_row;          /* rows past count are never read */
-        for (int i = tid; i < total; i += C::THREADS) {
-            const int v = i % vec_per_row, r = (i / vec_per_row) % count, m = i / (vec_per_row * count);
-            const int slot = slot_s[r];
-            cp_async16(dst + (m * T + r) * XS + 8 * v, xbase + m * mat_stride + static_cast<int64_t>(slot) * kdim + k0 + 8 * v);
+        constexpr int VPR = KC / 8;
+        static_assert((VPR & (VPR - 1)) == 0, "KC / 8 is a power of two");
+        const int k0 = kbeg + chunk * KC, nvec = min(KC, kend - k0) / 8;
+        const unsigned dst = smem_address(xs + (chunk & 1) * NMAT * T * XS);
+#pragma unroll
+        for (int m = 0; m < NMAT; ++m) {
+            for (int i = tid; i < count * VPR; i += C::THREADS) {
+                const int r = i / VPR, v = i % VPR;
+                if (v < nvec)
+                    cp_async16(dst + 2u * ((m * T + r) * XS + 8 * v),
+                               xbase + m * mat_stride + static_cast<int64_t>(slot_s[r]) * kdim + k0 + 8 * v);
+            }
         }
     };
 
     /* A step's weights, per projection: STEP_TILES x 8 tiles of nd words (nd / 4 = kx2 16-byte
      * pieces each), then each tile's first two words again after it.  Which pieces this thread
      * copies is the same for every step: planned once here, in registers (the divisions by the
-     * run-time piece count would otherwise cost ~100 instructions per step), as (source word offset
-     * from the step's first tile, staged word offset); x = -1: no copy. */
+     * run-time piece count would otherwise cost ~100 instructions per step), as (source byte offset
+     * from the step's first tile, staged byte offset), unsigned so that an address is one wide
+     * multiply-add; NO_COPY: none. */
     constexpr int CP = C::COPIES;
-    int2 plan[NMAT][CP + 1];
+    constexpr unsigned NO_COPY = 0xFFFFFFFFu;
+    uint2 plan[NMAT][CP + 1];
 #pragma unroll
     for (int m = 0; m < NMAT; ++m) {
         const int pieces = kx2s[m], total = STEP_TILES * NWARP_N * pieces;
 #pragma unroll
         for (int r = 0; r <= CP; ++r) {
-            int2 e = make_int2(-1, 0);
+            int word = -1, staged = 0;
             if (r < CP) {
                 const int i = tid + r * C::THREADS;
                 if (i < total) {
                     const int tile = i / pieces, c = i - tile * pieces;
-                    e = make_int2((tile / NWARP_N) * kstride[m] + (tile % NWARP_N) * nd[m] + 4 * c, tile * TW + 4 * c);
+                    word = (tile / NWARP_N) * kstride[m] + (tile % NWARP_N) * nd[m] + 4 * c;
+                    staged = tile * TW + 4 * c;
                 }
             } else if (tid < STEP_TILES * NWARP_N) {
-                e = make_int2((tid / NWARP_N) * kstride[m] + (tid % NWARP_N) * nd[m], tid * TW + nd[m]);
+                word = (tid / NWARP_N) * kstride[m] + (tid % NWARP_N) * nd[m];
+                staged = tid * TW + nd[m];
             }
-            plan[m][r] = e;
+            plan[m][r] = make_uint2(word < 0 ? NO_COPY : 4u * word, 4u * staged);
         }
     }
+    const unsigned ws_address = smem_address(ws);
 
     /* step t's weights into stage buffer `buf` */
     auto stage_weights = [&](int t, int buf) {
 #pragma unroll
         for (int m = 0; m < NMAT; ++m) {
-            const uint32_t *src = wsrc[m] + static_cast<int64_t>(t) * STEP_TILES * kstride[m];
-            uint32_t *dst = ws + (buf * NMAT + m) * MAT_WORDS;
+            const char *src = reinterpret_cast<const char *>(wsrc[m] + static_cast<int64_t>(t) * STEP_TILES * kstride[m]);
+            const unsigned dst = ws_address + 4u * ((buf * NMAT + m) * MAT_WORDS);
 #pragma unroll
             for (int r = 0; r <= CP; ++r) {
-                const int2 e = plan[m][r];
-                if (e.x >= 0) {
+                const uint2 e = plan[m][r];
+                if (e.x != NO_COPY) {
                     if (r < CP) cp_async16(dst + e.y, src + e.x);
                     else cp_async8(dst + e.y, src + e.x);
                 }
@@ -732,13 +746,47 @@ __global__ void __launch_bounds__(C::THREADS) mm_gate_up(const mm_cuda_args a)
     }
 }
 
-/* ---- launch 3: down --------------------------------------------------------------------------- */
+/* Columns h0..h0+3 of token t's output: sum_j p[t,j] * down[t*top_k + j] in slot order (NaN if an id
+ * is invalid), * rsf, + the shared expert's row.  L2 loads: other CTAs wrote the rows. */
+__device__ __forceinline__ void combine_columns(const mm_cuda_args &a, int64_t t, int h0)
+{
+    const int H = a.hidden;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < a.top_k; ++j) {
+        const int64_t s = t * a.top_k + j;
+        const float p = load_act(a.p, a.p_dtype, s);
+        if (slot_expert(a, s) < 0) {                       /* an invalid id: the token's row is NaN */
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[i] = __int_as_float(0x7fc00000);
+            continue;
+        }
+        const float4 d = __ldcg(reinterpret_cast<const float4 *>(a.down + s * H + h0));
+        acc[0] += p * d.x, acc[1] += p * d.y, acc[2] += p * d.z, acc[3] += p * d.w;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] *= a.routed_scaling_factor;
+    if (a.has_shared) {
+        const float4 d = __ldcg(reinterpret_cast<const float4 *>(a.down + (a.tokens * a.top_k + t) * H + h0));
+        acc[0] += d.x, acc[1] += d.y, acc[2] += d.z, acc[3] += d.w;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) store_act(a.out, a.out_dtype, t * H + h0 + i, acc[i]);
+}
+
+/* Slots of token t that reach mm_down: its valid routed slots and the shared expert's. */
+__device__ __forceinline__ int token_arrivals(const mm_cuda_args &a, int64_t t)
+{
+    int n = a.has_shared;
+    for (int j = 0; j < a.top_k; ++j) n += slot_expert(a, t * a.top_k + j) >= 0;
+    return n;
+}
+
+/* ---- launch 3: down, then the combine ------------------------------------------------------------ */
 template <class C>
 __global__ void __launch_bounds__(C::THREADS) mm_down(const mm_cuda_args a)
 {
     extern __shared__ __align__(16) char smem[];
     __shared__ int slot_s[C::T], bad[C::T];
-    allow_next_grid();                                   /* mm_combine may start: it waits for this grid */
     int expert, count;
     if (!load_tile<C>(a, slot_s, bad, expert, count)) return;
     const int shared = expert == a.experts;
@@ -767,6 +815,21 @@ __global__ void __launch_bounds__(C::THREADS) mm_down(const mm_cuda_args a)
         o.w = half_bits(svh[cl + 3]) * v[3];
         *reinterpret_cast<float4 *>(a.down + static_cast<int64_t>(slot_s[t]) * H + col0 + cl) = o;
     }
+    /* the rows are out; the CTA that delivers a token's last slot of this column block combines it
+     * (atomicInc wraps the ticket back to 0 for the next call) */
+    __shared__ int last_s[C::T];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x < count) {
+        const int64_t tok = slot_token(a, slot_s[threadIdx.x]);
+        const unsigned n = static_cast<unsigned>(token_arrivals(a, tok));
+        unsigned *ticket = reinterpret_cast<unsigned *>(a.out_tickets + tok * gridDim.y + blockIdx.y);
+        last_s[threadIdx.x] = atomicInc(ticket, n - 1) == n - 1;
+    }
+    __syncthreads();
+    __threadfence();
+    for (int t = warp; t < count; t += C::THREADS / 32)
+        if (last_s[t]) combine_columns(a, slot_token(a, slot_s[t]), col0 + cl);
 }
 
 /* ---- launch 1: routing (block 0) and input rotation (blocks 1..slots) --------------------------- */
@@ -886,6 +949,10 @@ __global__ void __launch_bounds__(PREP_THREADS) mm_prep(const mm_cuda_args a)
     const int e = slot_expert(a, s);
     if (e < 0) {                                           /* never read: the slot is in no tile */
         if (!route_blocks && part == 0 && threadIdx.x == 0) atomicAdd(&a.counters[1], 1ull);
+        const int64_t routed = a.tokens * a.top_k;
+        if (part == 0 && s < routed && s % a.top_k == 0 && token_arrivals(a, s / a.top_k) == 0)
+            for (int h = threadIdx.x; h < a.hidden; h += PREP_THREADS)   /* no slot reaches mm_down */
+                store_act(a.out, a.out_dtype, (s / a.top_k) * a.hidden + h, __int_as_float(0x7fc00000));
         return;
     }
     const int shared = e == a.experts;
@@ -903,38 +970,6 @@ __global__ void __launch_bounds__(PREP_THREADS) mm_prep(const mm_cuda_args a)
         for (int i = 0; i < 4; ++i) out[i] = __float2half_rn(v[i]);
         *reinterpret_cast<uint2 *>(a.xin + (m * a.slots + s) * H + k0) = *reinterpret_cast<const uint2 *>(out);
     }
-}
-
-/* ---- launch 4: the weighted combine -------------------------------------------------------------- */
-constexpr int COMBINE_THREADS = 256;
-
-__global__ void __launch_bounds__(COMBINE_THREADS) mm_combine(const mm_cuda_args a)
-{
-    wait_prior_grid();
-    const int64_t t = blockIdx.x;
-    const int H = a.hidden;
-    const int h0 = 4 * (blockIdx.y * COMBINE_THREADS + threadIdx.x);
-    if (h0 >= H) return;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int j = 0; j < a.top_k; ++j) {
-        const int64_t s = t * a.top_k + j;
-        const float p = load_act(a.p, a.p_dtype, s);
-        if (slot_expert(a, s) < 0) {                       /* an invalid id: the token's row is NaN */
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[i] = __int_as_float(0x7fc00000);
-            continue;
-        }
-        const float4 d = *reinterpret_cast<const float4 *>(a.down + s * H + h0);
-        acc[0] += p * d.x, acc[1] += p * d.y, acc[2] += p * d.z, acc[3] += p * d.w;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[i] *= a.routed_scaling_factor;
-    if (a.has_shared) {
-        const float4 d = *reinterpret_cast<const float4 *>(a.down + (a.tokens * a.top_k + t) * H + h0);
-        acc[0] += d.x, acc[1] += d.y, acc[2] += d.z, acc[3] += d.w;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) store_act(a.out, a.out_dtype, t * H + h0 + i, acc[i]);
 }
 
 /* ---- routing: top-k from router logits, one warp per token (mm_route) ----------------------------- */

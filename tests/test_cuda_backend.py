@@ -25,9 +25,9 @@ BATCHES = [1, 2, 3, 16, 17, 33, 64, 300]
 # benchmarks/cuda_sanitize.sh runs the kernels under compute-sanitizer on a smaller matrix
 SUBSET = os.environ.get("METAL_MOE_CUDA_SUBSET")
 if SUBSET == "memcheck":
-    CASES = matrix(bits_list=[(6, 2, 3)], batches=[3, 33], shared=(True,))
+    CASES = matrix(bits_list=[(6, 2, 3)], batches=[3, 33, 300], shared=(True,))     # 300: the wide shape too
 elif SUBSET == "racecheck":
-    CASES = matrix(codebooks=["mcg"], bits_list=[(6, 2, 3)], batches=[17], shared=(True,))
+    CASES = matrix(codebooks=["mcg"], bits_list=[(6, 2, 3)], batches=[17, 300], shared=(True,))
 else:
     CASES = matrix(batches=BATCHES)
 
@@ -228,6 +228,22 @@ def test_programmatic_launches_change_no_bit(tmp_path):
     for case in cases:
         assert np.all(np.isfinite(on[case])), case
         assert np.array_equal(on[case], off[case]), case
+
+
+def test_both_shapes_of_the_fp32_general_variant(tmp_path):
+    """METAL_MOE_CUDA_WIDE=0 / 1 force the fp32 general variant's own and its wide shape (128 slots per
+    tile) at batch sizes where the default picks the other: nearly empty wide tiles (batch 3, 17: most
+    fragments skipped) and many-tile narrow calls (batch 300) match the reference, and the diagnostic
+    is named in Context.simd."""
+    variant = policy.GENERAL + policy.FP32ACC
+    cases = [(3, variant), (17, variant), (300, variant)]
+    for env in ("0", "1"):
+        (tmp_path / env).mkdir()
+        simd, got = _run_with_env(tmp_path / env, {"METAL_MOE_CUDA_WIDE": env}, cases)
+        assert ("wide tiles off" if env == "0" else "wide tiles always") in simd
+        for batch, _ in cases:
+            x, ids, p = inputs(batch)      # the script calls without a routed scaling factor
+            check(got[(batch, variant)], reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True)), variant)
 
 
 def test_timing_diagnostic_says_so(tmp_path):

@@ -39,6 +39,16 @@ constexpr int cuda_kc(int id, int tokens)
     return cuda_tokens(id, tokens) >= 64 ? 128 : cuda_tokens(id, tokens) >= 16 ? 256 : 512;
 }
 
+/* The wide shape: 128 slots per tile in the std orientation (ldmatrix inputs, each decoded weight
+ * tile feeding 16 MMAs per projection), for a call whose experts have more slots on average than one
+ * tile of the variant's own shape holds, where that shape would decode every weight several times.
+ * Only the fp32 general variant has one (the policy's choice from batch 33 on when hidden >= 1024):
+ * its shared memory (135 KB, the fp32 epilogue rows) fits an sm_80 block; an fp16-accumulating
+ * twin would need 198 KB (its fp16 rows after the fp32 ones).  Variants without one run their own
+ * shape at every batch.  KC = 64 and 2 k-tiles per step keep the staged inputs at 72 KB. */
+constexpr bool cuda_has_wide(int id) { return id == MM_VARIANT_GENERAL_FP32ACC; }
+constexpr int WIDE_TOKENS = 128;
+
 struct Launcher {
     void (*gate_up)(const mm_cuda_args);
     void (*down)(const mm_cuda_args);
@@ -48,19 +58,33 @@ struct Launcher {
     bool splittable;                        /* fp32 accumulation: K may be split across CTAs */
 };
 
+template <class C>
+constexpr Launcher make_launcher()
+{
+    return {mm::mm_gate_up<C>, mm::mm_down<C>, C::smem_bytes(2), C::smem_bytes(1), C::THREADS, C::T, C::WK * C::U, C::F32};
+}
+
+/* [variant][0]: its own shape; [1]: its wide shape (its own again where it has none) */
+template <int ID, class Own, class Wide>
+constexpr Launcher wide_launcher()
+{
+    if constexpr (cuda_has_wide(ID)) return make_launcher<Wide>();
+    else return make_launcher<Own>();
+}
+
 constexpr int MAX_SPLIT = 4;                /* K splits per output block */
 constexpr int MAX_SPLIT_ITEMS = 4096;       /* (tile, column block) items that may be split */
 
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                            \
     using Cfg_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
-                                cuda_wk(MM_VARIANT_##ID), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>;
+                                cuda_wk(MM_VARIANT_##ID), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>;             \
+    using Wide_##ID = mm::Config<mm::ORIENT_STD, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;
 #include "variants.def"
 #undef MM_VARIANT
 
-const Launcher launchers[MM_VARIANT_COUNT] = {
-#define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                             \
-    {mm::mm_gate_up<Cfg_##ID>, mm::mm_down<Cfg_##ID>, Cfg_##ID::smem_bytes(2), Cfg_##ID::smem_bytes(1), Cfg_##ID::THREADS, \
-     Cfg_##ID::T, Cfg_##ID::WK * Cfg_##ID::U, Cfg_##ID::F32},
+const Launcher launchers[MM_VARIANT_COUNT][2] = {
+#define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK) \
+    {make_launcher<Cfg_##ID>(), wide_launcher<MM_VARIANT_##ID, Cfg_##ID, Wide_##ID>()},
 #include "variants.def"
 #undef MM_VARIANT
 };
@@ -81,11 +105,12 @@ struct CudaContext {
     unsigned long long *counters = nullptr; /* device: [0] fp32 re-runs, [1] invalid ids */
     cudaEvent_t last_done = nullptr;
     int32_t *tickets = nullptr;             /* split K: MAX_SPLIT_ITEMS counters, zero between calls */
-    int blocks_per_sm[MM_VARIANT_COUNT][2] = {};
+    int blocks_per_sm[MM_VARIANT_COUNT][2][2] = {};   /* [variant][shape][gate_up, down] */
     cudaStream_t last_stream = nullptr;
     bool has_last = false;
     bool pdl = false;                       /* programmatic dependent launches (sm_90+) */
     int launches = 3;                       /* < 3: a timing diagnostic (METAL_MOE_CUDA_LAUNCHES) */
+    int wide = -1;                          /* METAL_MOE_CUDA_WIDE: -1 by the slots per expert, 0 never, 1 always */
 };
 
 mm_status cuda_fail(cudaError_t err, const char *what)
@@ -245,17 +270,22 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     if (nexp > mm::MAX_EXPERTS)
         return mm_fail(MM_ERR_UNSUPPORTED, "weights.experts: the cuda backend groups at most %d experts (with the "
                        "shared one) per call, got %d", mm::MAX_EXPERTS, nexp);
-    const Launcher &L = launchers[call->variant_id];
     const int H = w->hidden, I = w->intermediate;
-    const int64_t slots = call->tokens * call->top_k + (w->has_shared ? call->tokens : 0);
+    const int64_t routed_slots = call->tokens * call->top_k;
+    const int64_t slots = routed_slots + (w->has_shared ? call->tokens : 0);
+    /* the wide shape when the routed experts average more slots than one tile of the own shape holds */
+    const int own_tokens = launchers[call->variant_id][0].tokens;
+    const int shape = c->wide >= 0 ? c->wide : routed_slots > static_cast<int64_t>(own_tokens) * w->experts;
+    const Launcher &L = launchers[call->variant_id][shape];
     if (2 * slots * (H > I ? H : I) >= (1ll << 31))
         return mm_fail(MM_ERR_UNSUPPORTED, "x: %lld tokens x %d slots is too many for one cuda call (the workspace "
                        "is indexed with 32-bit offsets); split the batch", (long long)call->tokens,
                        (int)(slots / call->tokens));
     const int64_t max_tiles = std::min<int64_t>(slots, slots / L.tokens + std::min<int64_t>(nexp, slots));
     const int sms = c->props.multiProcessorCount;
-    int split_gu = choose_splits(L, max_tiles * (I / mm::COLS), H / 16, sms * c->blocks_per_sm[call->variant_id][0]);
-    int split_dn = choose_splits(L, max_tiles * (H / mm::COLS), I / 16, sms * c->blocks_per_sm[call->variant_id][1]);
+    const int *occupancy = c->blocks_per_sm[call->variant_id][shape];
+    int split_gu = choose_splits(L, max_tiles * (I / mm::COLS), H / 16, sms * occupancy[0]);
+    int split_dn = choose_splits(L, max_tiles * (H / mm::COLS), I / 16, sms * occupancy[1]);
     size_t partial_floats = std::max<size_t>(
         split_gu > 1 ? 2ull * max_tiles * (I / mm::COLS) * split_gu * L.tokens * mm::COLS : 0,
         split_dn > 1 ? 1ull * max_tiles * (H / mm::COLS) * split_dn * L.tokens * mm::COLS : 0);
@@ -529,13 +559,17 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
     /* Diagnostics for measurements, read once per context: METAL_MOE_CUDA_PDL=0 turns the programmatic
      * dependent launches off (A/B in one run); METAL_MOE_CUDA_LAUNCHES=1..2 issues only the first
      * launches of each forward (the output is then NOT written), to time each launch's share of a
-     * graph replay. */
+     * graph replay; METAL_MOE_CUDA_WIDE=0 / 1 never / always takes a variant's wide shape (where it has
+     * one) instead of choosing by slots per expert. */
     const char *pdl_env = getenv("METAL_MOE_CUDA_PDL"), *launches_env = getenv("METAL_MOE_CUDA_LAUNCHES");
+    const char *wide_env = getenv("METAL_MOE_CUDA_WIDE");
+    if (wide_env && (wide_env[0] == '0' || wide_env[0] == '1') && !wide_env[1]) c->wide = wide_env[0] - '0';
     c->pdl = c->props.major >= 9 && !(pdl_env && strcmp(pdl_env, "0") == 0);
     if (launches_env && launches_env[0] >= '1' && launches_env[0] <= '2' && !launches_env[1])
         c->launches = launches_env[0] - '0';
-    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s)", c->props.major, c->props.minor, c->props.name,
+    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s)", c->props.major, c->props.minor, c->props.name,
              c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
+             c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "",
              c->launches < 3 ? ", TIMING ONLY: first launches of each forward, no output" : "");
     if ((err = cudaMalloc(&c->counters, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaMemset(c->counters, 0, 2 * sizeof(unsigned long long))) != cudaSuccess ||
@@ -546,8 +580,8 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }
-    for (int v = 0; v < MM_VARIANT_COUNT; ++v) {
-        const Launcher &L = launchers[v];
+    for (int v = 0; v < 2 * MM_VARIANT_COUNT; ++v) {
+        const Launcher &L = launchers[v / 2][v % 2];
         if ((err = cudaFuncSetAttribute(L.gate_up, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(L.smem_gate_up))) != cudaSuccess ||
             (err = cudaFuncSetAttribute(L.down, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -563,7 +597,7 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
                 cuda_destroy(ctx);
                 return cuda_fail(err, "reading the kernels' occupancy");
             }
-            c->blocks_per_sm[v][k] = n > 0 ? n : 1;
+            c->blocks_per_sm[v / 2][v % 2][k] = n > 0 ? n : 1;
         }
     }
     return MM_OK;

@@ -65,7 +65,7 @@ constexpr int EP_STRIDE = COLS + 4;  /* floats per epilogue row */
 constexpr int DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2, DT_I32 = 3;   /* mm_dtype values */
 
 /* The compile-time shape of a variant on CUDA. */
-template <int ORIENT_, int T_, bool F32_, int WK_, int KC_, int KG_, int KU_, int KD_>
+template <int ORIENT_, int T_, bool F32_, int WK_, int KC_, int KG_, int KU_, int KD_, int U_ = 4>
 struct Config {
     static constexpr int ORIENT = ORIENT_;
     static constexpr int T = T_;             /* slots per tile (tokens sharing one decode) */
@@ -73,7 +73,7 @@ struct Config {
     static constexpr int WK = WK_;           /* warps splitting K (partial sums added in fixed order) */
     static constexpr int KC = KC_;           /* K columns staged per chunk */
     static constexpr int KG = KG_, KU = KU_, KD = KD_;   /* compile-time 2K, 0 = run-time */
-    static constexpr int U = 4;              /* k-tiles per warp per step */
+    static constexpr int U = U_;             /* k-tiles per warp per step */
     static constexpr int THREADS = 32 * NWARP_N * WK;
     static constexpr int TP = ORIENT == ORIENT_SWAP ? (T + 7) / 8 * 8 : (T + 15) / 16 * 16;
     static_assert(ORIENT == ORIENT_SWAP || T % 16 == 0, "std orientation needs whole m16 blocks");
@@ -293,6 +293,16 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 __device__ __forceinline__ uint32_t lds32(const uint16_t *p) { return *reinterpret_cast<const uint32_t *>(p); }
 
+/* The four 8 x 8 b16 matrices whose rows this lane and its neighbours address (lanes 8i..8i+7:
+ * matrix i); r[i] = this lane's pair of matrix i: an m16n8k16 A fragment from one instruction. */
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const uint16_t *row)
+{
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
 /* Programmatic dependent launch (sm_90): both are no-ops when the kernel was launched without the
  * attribute, and compiled out for older architectures, where launches are plainly stream-ordered. */
 __device__ __forceinline__ void wait_prior_grid()
@@ -366,17 +376,18 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         lane_word[m] = m * MAT_WORDS + (kg * NWARP_N + wn) * TW + lw[m].q0;
     }
 
-    /* the rows (slots) this lane reads from the staged inputs, clamped to the tile's slots */
-    int rows[C::ORIENT == ORIENT_SWAP ? NFRAG : 2 * NFRAG];
+    /* the staged input rows (slots) this lane reads, clamped to the tile's slots, as half offsets:
+     * swap: row 8f + g of fragment f; std: the row address this lane gives ldmatrix.x4 for the
+     * 16 x 16 A fragment f (lanes 8i..8i+7 address matrix i: rows +8 for i odd, columns +8 for i >= 2).
+     * Fragments wholly past `count` are skipped (a warp-uniform test), so a tile that is mostly
+     * empty costs no MMAs for its empty rows. */
+    int rows[NFRAG];
 #pragma unroll
     for (int f = 0; f < NFRAG; ++f) {
-        if (C::ORIENT == ORIENT_SWAP) {
-            rows[f] = min(8 * f + g, count - 1);
-        } else {
-            rows[2 * f] = min(16 * f + g, count - 1);
-            rows[2 * f + 1] = min(16 * f + g + 8, count - 1);
-        }
+        if (C::ORIENT == ORIENT_SWAP) rows[f] = min(8 * f + g, count - 1) * XS + 2 * c4;
+        else rows[f] = min(16 * f + (lane & 7) + (lane & 8), count - 1) * XS + ((lane >> 4) << 3);
     }
+    constexpr int FRAG_ROWS = C::ORIENT == ORIENT_SWAP ? 8 : 16;
 
     float accf[NMAT][F32 ? NACC : 1];
     uint32_t acch[NMAT][F32 ? 1 : NACC / 2];
@@ -475,12 +486,13 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
                 uint32_t P[4];
                 if (m == 0) decode_lane<KX2A, FAST>(tw[0], tw[1], tw[2], lw[m].b, kx2s[m], cbk[m], P);
                 else decode_lane<KX2B, FAST>(tw[0], tw[1], tw[2], lw[m].b, kx2s[m], cbk[m], P);
-                const uint16_t *xm = xchunk + m * T * XS + kl + 2 * c4;
+                const uint16_t *xm = xchunk + m * T * XS + kl;
                 if (C::ORIENT == ORIENT_SWAP) {
                     const uint32_t a[4] = {P[0], P[2], P[1], P[3]};      /* {s0s1}, {s4s5}, {s2s3}, {s6s7} */
 #pragma unroll
                     for (int f = 0; f < NFRAG; ++f) {
-                        const uint16_t *xr = xm + rows[f] * XS;
+                        if (f > 0 && FRAG_ROWS * f >= count) break;
+                        const uint16_t *xr = xm + rows[f];
                         const uint32_t b0 = lds32(xr), b1 = lds32(xr + 8);
                         if constexpr (F32) mma_f32(&accf[m][4 * f], a, b0, b1);
                         else mma_f16(&acch[m][2 * f], a, b0, b1);
@@ -488,8 +500,9 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
                 } else {
 #pragma unroll
                     for (int f = 0; f < NFRAG; ++f) {
-                        const uint16_t *xa = xm + rows[2 * f] * XS, *xb = xm + rows[2 * f + 1] * XS;
-                        const uint32_t a[4] = {lds32(xa), lds32(xb), lds32(xa + 8), lds32(xb + 8)};
+                        if (f > 0 && FRAG_ROWS * f >= count) break;
+                        uint32_t a[4];
+                        ldmatrix_x4(a, xm + rows[f]);
                         if constexpr (F32) {
                             mma_f32(&accf[m][8 * f], a, P[0], P[1]);         /* columns 0..7 */
                             mma_f32(&accf[m][8 * f + 4], a, P[2], P[3]);     /* columns 8..15 */

@@ -37,8 +37,11 @@
  *       B = x^T (k = 16 inputs, n = 8 tokens)): tokens pad to 8.
  *   weights as B ("std", many tokens): mma(A = x (m = 16 tokens, k = 16), B = W (k = 16, n = 8
  *       columns)) twice per tile: tokens pad to 16.  The format's native orientation.
+ * A variant may have a second, "wide" shape (cuda_backend.cu: 128 slots, std orientation) that the
+ * host takes when its experts average more slots than one tile of its own shape holds.  MMA
+ * fragments wholly past a tile's slots are skipped (main_loop: quarter / half / all, per step).
  * Inputs are staged per K chunk in shared memory with cp.async (double-buffered); the weight words
- * of each step (4 k-tiles per k-group of warps x the CTA's 8 column tiles) too, three steps in flight
+ * of each step (U k-tiles per k-group of warps x the CTA's 8 column tiles) too, three steps in flight
  * (main_loop).  When tiles x column blocks would leave SMs idle (small batches), K is split across
  * CTAs (gridDim.z) and the last CTA of each output block adds the partial sums in a fixed order
  * (reduce_splits).  Accumulation: fp32 MMA accumulators, or fp16 ones (the

@@ -39,8 +39,8 @@ constexpr int cuda_kc(int id, int tokens)
     return cuda_tokens(id, tokens) >= 64 ? 128 : cuda_tokens(id, tokens) >= 16 ? 256 : 512;
 }
 
-/* The wide shape: 128 slots per tile in the std orientation (ldmatrix inputs, each decoded weight
- * tile feeding 16 MMAs per projection), for a call whose experts have more slots on average than one
+/* The wide shape: 128 slots per tile in the std orientation (each decoded weight tile feeding up to
+ * 16 MMAs per projection), for a call whose experts have more slots on average than one
  * tile of the variant's own shape holds, where that shape would decode every weight several times.
  * Only the fp32 general variant has one (the policy's choice from batch 33 on when hidden >= 1024):
  * its shared memory (135 KB, the fp32 epilogue rows) fits an sm_80 block; an fp16-accumulating
@@ -247,6 +247,38 @@ mm_cuda_proj view(const mm_projection &p, int in, int out)
     return v;
 }
 
+/* Make `buf` hold at least `need` bytes (zeroed on `stream` if `zero`, before any kernel of the call).
+ * An outgrown buffer is retired, not freed: captured graphs may still use it.  A capture must not
+ * allocate: cudaErrorStreamCaptureUnsupported then. */
+cudaError_t grow(CudaContext *c, Buffer &buf, size_t need, bool capturing, bool zero, cudaStream_t stream)
+{
+    if (buf.bytes >= need) return cudaSuccess;
+    if (capturing) return cudaErrorStreamCaptureUnsupported;
+    Buffer b;
+    cudaError_t err = cudaMalloc(&b.ptr, need);
+    if (err == cudaSuccess && zero) err = cudaMemsetAsync(b.ptr, 0, need, stream);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        cudaFree(b.ptr);
+        return err;
+    }
+    b.bytes = need;
+    if (buf.ptr) c->retired.push_back(buf);
+    buf = b;
+    return cudaSuccess;
+}
+
+mm_status grow_failed(cudaError_t err, const char *what, size_t need, int device)
+{
+    if (err == cudaErrorStreamCaptureUnsupported)
+        return mm_fail(MM_ERR_UNSUPPORTED,
+                       "workspace: this call needs %zu bytes of %s and the stream is being captured into a graph, "
+                       "where nothing may be allocated; run one call of at least this batch size before capturing "
+                       "(the workspace is sized once per context)", need, what);
+    return mm_fail(MM_ERR_OUT_OF_MEMORY, "workspace: cannot allocate %zu bytes of %s on CUDA device %d (%s)", need,
+                   what, device, cudaGetErrorString(err));
+}
+
 mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
 {
     CudaContext *c = impl(ctx);
@@ -314,43 +346,11 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
         partial_floats = 0;
         need = off_partial;
     }
-    if (c->workspace.bytes < need) {
-        if (capturing)
-            return mm_fail(MM_ERR_UNSUPPORTED,
-                           "workspace: this call needs %zu bytes of workspace and the stream is being captured into "
-                           "a graph, where nothing may be allocated; run one call of at least this batch size "
-                           "before capturing (the workspace is sized once per context)", need);
-        Buffer b;
-        err = cudaMalloc(&b.ptr, need);
-        if (err != cudaSuccess) {
-            cudaGetLastError();
-            return mm_fail(MM_ERR_OUT_OF_MEMORY, "workspace: cannot allocate %zu bytes on CUDA device %d (%s)", need,
-                           dev, cudaGetErrorString(err));
-        }
-        b.bytes = need;
-        if (c->workspace.ptr) c->retired.push_back(c->workspace);
-        c->workspace = b;
-    }
+    if ((err = grow(c, c->workspace, need, capturing, false, stream)) != cudaSuccess)
+        return grow_failed(err, "workspace", need, dev);
     const size_t ticket_bytes = 4ull * call->tokens * (H / mm::COLS);
-    if (c->out_tickets.bytes < ticket_bytes) {
-        if (capturing)
-            return mm_fail(MM_ERR_UNSUPPORTED,
-                           "workspace: this call needs %zu bytes of combine tickets and the stream is being captured "
-                           "into a graph, where nothing may be allocated; run one call of at least this batch size "
-                           "before capturing (the workspace is sized once per context)", ticket_bytes);
-        Buffer b;
-        err = cudaMalloc(&b.ptr, ticket_bytes);
-        if (err == cudaSuccess) err = cudaMemsetAsync(b.ptr, 0, ticket_bytes, stream);   /* before any kernel of the call */
-        if (err != cudaSuccess) {
-            cudaGetLastError();
-            cudaFree(b.ptr);
-            return mm_fail(MM_ERR_OUT_OF_MEMORY, "workspace: cannot allocate %zu bytes on CUDA device %d (%s)",
-                           ticket_bytes, dev, cudaGetErrorString(err));
-        }
-        b.bytes = ticket_bytes;
-        if (c->out_tickets.ptr) c->retired.push_back(c->out_tickets);
-        c->out_tickets = b;
-    }
+    if ((err = grow(c, c->out_tickets, ticket_bytes, capturing, true, stream)) != cudaSuccess)
+        return grow_failed(err, "combine tickets", ticket_bytes, dev);
     if (!capturing && c->has_last && c->last_stream != stream) {
         err = cudaStreamWaitEvent(stream, c->last_done, 0);
         if (err != cudaSuccess) return cuda_fail(err, "cudaStreamWaitEvent");

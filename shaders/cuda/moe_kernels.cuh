@@ -528,8 +528,8 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         const uint32_t *wbuf = ws + buf * NMAT * MAT_WORDS;
         const uint16_t *xchunk = xs + (chunk & 1) * NMAT * T * XS;
         /* Fragments wholly past the tile's slots are skipped: the step runs with a quarter, half or all
-         * of them (compile-time counts, chosen per CTA), never with a test per fragment, which measured
-         * 12-29% slower in the std orientation (NOTES-cuda.md, version 8) */
+         * of them (compile-time counts, chosen per CTA), never with a test per fragment (measured
+         * together with ldmatrix inputs: 12-29% slower in the std orientation; NOTES-cuda.md, version 8) */
         if (NFRAG >= 4 && count <= NFRAG / 4 * FRAG_ROWS)
             compute_step(Frags<(NFRAG >= 4 ? NFRAG / 4 : 1)>(), wbuf, step, xchunk, kbeg + chunk * KC);
         else if (NFRAG >= 2 && count <= NFRAG / 2 * FRAG_ROWS)

@@ -580,6 +580,19 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }
+    /* every kernel must get its shared memory (up to 152 KB: sm_80 and sm_90 give 163 and 227 KB per
+     * block; sm_86/89 give 99 KB, which these shapes do not fit yet) */
+    size_t smem_need = 0;
+    for (int v = 0; v < 2 * MM_VARIANT_COUNT; ++v)
+        smem_need = std::max({smem_need, launchers[v / 2][v % 2].smem_gate_up, launchers[v / 2][v % 2].smem_down});
+    if (smem_need > c->props.sharedMemPerBlockOptin) {
+        const size_t have = c->props.sharedMemPerBlockOptin;
+        const int major = c->props.major, minor = c->props.minor;
+        cuda_destroy(ctx);
+        return mm_fail(MM_ERR_UNSUPPORTED, "device: compute capability %d.%d allows %zu bytes of shared memory per "
+                       "block; the cuda kernels need %zu (sm_80 and sm_90 GPUs have enough)", major, minor, have,
+                       smem_need);
+    }
     for (int v = 0; v < 2 * MM_VARIANT_COUNT; ++v) {
         const Launcher &L = launchers[v / 2][v % 2];
         if ((err = cudaFuncSetAttribute(L.gate_up, cudaFuncAttributeMaxDynamicSharedMemorySize,

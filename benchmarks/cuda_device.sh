@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
 #   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
-# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, splits, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -72,6 +72,11 @@ for step in "$@"; do
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for wd in 0 1; do
                 METAL_MOE_CUDA_WIDE=$wd python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 32,128,512,4096 \
                   --variants moe_trellis_swiglu_fp32acc --no-baseline --json "$OUT/wide${wd}_$p.json" 2>&1 | tee -a "$OUT/wide.txt"
+              done; done ;;
+    splits)   # K split a fixed number of ways (METAL_MOE_CUDA_SPLIT) at the batches where the rule splits
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for k in 1 2 3 4; do
+                METAL_MOE_CUDA_SPLIT=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,16 \
+                  --no-baseline --json "$OUT/split${k}_$p.json" 2>&1 | tee -a "$OUT/splits.txt"
               done; done ;;
     stages)   # graph replay of only the first k launches of each forward (k = 1..3; 4 is the bench step)
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for k in 1 2 3; do

@@ -246,6 +246,19 @@ def test_both_shapes_of_the_fp32_general_variant(tmp_path):
             check(got[(batch, variant)], reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True)), variant)
 
 
+def test_forced_k_splits_match_the_reference(tmp_path):
+    """METAL_MOE_CUDA_SPLIT=3 splits K three ways wherever a call may (fp32 accumulation, also where the
+    occupancy rule would not): the fixed-order reduction still matches the reference, and Context.simd
+    names the diagnostic."""
+    cases = [(1, policy.DECODE), (5, policy.PREFILL4 + policy.FP32ACC), (33, policy.GENERAL + policy.FP32ACC),
+             (300, policy.GENERAL + policy.FP32ACC)]
+    simd, got = _run_with_env(tmp_path, {"METAL_MOE_CUDA_SPLIT": "3"}, cases)
+    assert "K split 3 ways" in simd
+    for batch, variant in cases:
+        x, ids, p = inputs(batch)          # the script calls without a routed scaling factor
+        check(got[(batch, variant)], reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True)), variant)
+
+
 def test_timing_diagnostic_says_so(tmp_path):
     """METAL_MOE_CUDA_LAUNCHES=1..3 (timing only) is named in Context.simd; other values are ignored."""
     simd, _ = _run_with_env(tmp_path, {"METAL_MOE_CUDA_LAUNCHES": "2"}, [])

@@ -111,6 +111,7 @@ struct CudaContext {
     bool pdl = false;                       /* programmatic dependent launches (sm_90+) */
     int launches = 3;                       /* < 3: a timing diagnostic (METAL_MOE_CUDA_LAUNCHES) */
     int wide = -1;                          /* METAL_MOE_CUDA_WIDE: -1 by the slots per expert, 0 never, 1 always */
+    int split = 0;                          /* METAL_MOE_CUDA_SPLIT: 0 chosen per call, 1..MAX_SPLIT forced */
 };
 
 mm_status cuda_fail(cudaError_t err, const char *what)
@@ -221,11 +222,13 @@ cudaError_t launch(void (*kernel)(const mm_cuda_args), dim3 grid, unsigned threa
 }
 
 /* How many CTAs share the K loop of each output block: none while `items` (tiles x column blocks)
- * fill the GPU; otherwise the split count in 2..MAX_SPLIT that minimises waves / splits. */
-int choose_splits(const Launcher &L, int64_t items, int ktiles, int capacity)
+ * fill the GPU; otherwise the split count in 2..MAX_SPLIT that minimises waves / splits.  forced > 0
+ * (METAL_MOE_CUDA_SPLIT): that count wherever splitting is possible, capped at the steps. */
+int choose_splits(const Launcher &L, int64_t items, int ktiles, int capacity, int forced)
 {
     if (!L.splittable || items > MAX_SPLIT_ITEMS) return 1;
     const int steps = ktiles / L.step_tiles;
+    if (forced > 0) return std::max(1, std::min(forced, steps));
     int best = 1;
     double best_cost = static_cast<double>((items + capacity - 1) / capacity);
     for (int s = 2; s <= MAX_SPLIT && s <= steps; ++s) {
@@ -316,8 +319,8 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const int64_t max_tiles = std::min<int64_t>(slots, slots / L.tokens + std::min<int64_t>(nexp, slots));
     const int sms = c->props.multiProcessorCount;
     const int *occupancy = c->blocks_per_sm[call->variant_id][shape];
-    int split_gu = choose_splits(L, max_tiles * (I / mm::COLS), H / 16, sms * occupancy[0]);
-    int split_dn = choose_splits(L, max_tiles * (H / mm::COLS), I / 16, sms * occupancy[1]);
+    int split_gu = choose_splits(L, max_tiles * (I / mm::COLS), H / 16, sms * occupancy[0], c->split);
+    int split_dn = choose_splits(L, max_tiles * (H / mm::COLS), I / 16, sms * occupancy[1], c->split);
     size_t partial_floats = std::max<size_t>(
         split_gu > 1 ? 2ull * max_tiles * (I / mm::COLS) * split_gu * L.tokens * mm::COLS : 0,
         split_dn > 1 ? 1ull * max_tiles * (H / mm::COLS) * split_dn * L.tokens * mm::COLS : 0);
@@ -560,16 +563,21 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
      * dependent launches off (A/B in one run); METAL_MOE_CUDA_LAUNCHES=1..2 issues only the first
      * launches of each forward (the output is then NOT written), to time each launch's share of a
      * graph replay; METAL_MOE_CUDA_WIDE=0 / 1 never / always takes a variant's wide shape (where it has
-     * one) instead of choosing by slots per expert. */
+     * one) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..4 splits K that many ways
+     * wherever a call may split (fp32 accumulation) instead of choosing by occupancy. */
     const char *pdl_env = getenv("METAL_MOE_CUDA_PDL"), *launches_env = getenv("METAL_MOE_CUDA_LAUNCHES");
     const char *wide_env = getenv("METAL_MOE_CUDA_WIDE");
     if (wide_env && (wide_env[0] == '0' || wide_env[0] == '1') && !wide_env[1]) c->wide = wide_env[0] - '0';
+    const char *split_env = getenv("METAL_MOE_CUDA_SPLIT");
+    if (split_env && split_env[0] >= '1' && split_env[0] <= '0' + MAX_SPLIT && !split_env[1]) c->split = split_env[0] - '0';
     c->pdl = c->props.major >= 9 && !(pdl_env && strcmp(pdl_env, "0") == 0);
     if (launches_env && launches_env[0] >= '1' && launches_env[0] <= '2' && !launches_env[1])
         c->launches = launches_env[0] - '0';
-    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s)", c->props.major, c->props.minor, c->props.name,
+    char split_text[32] = "";
+    if (c->split) snprintf(split_text, sizeof split_text, ", K split %d ways", c->split);
+    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s)", c->props.major, c->props.minor, c->props.name,
              c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
-             c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "",
+             c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "", split_text,
              c->launches < 3 ? ", TIMING ONLY: first launches of each forward, no output" : "");
     if ((err = cudaMalloc(&c->counters, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaMemset(c->counters, 0, 2 * sizeof(unsigned long long))) != cudaSuccess ||

@@ -1,8 +1,9 @@
 """Calls for `ncu` (benchmarks/cuda_device.sh profile): per case, one warm-up call then one
 profiled call (the launches of the second call are the ones to read).
 
-Cases: batch 1 of each preset with the policy's variant, glm-4.7-flash at batch 64 (policy) and
-at batch 4096 with `large_batch`.  `python3 cuda_profile.py CASE...` runs a subset (names below).
+Cases: batch 1 of each preset with the policy's variant, glm-4.7-flash at batch 64 (policy), at batch
+4096 with `large_batch`, and glm-4.7-flash / qwen3-30b-a3b at 4096 with the policy's
+`moe_trellis_swiglu_fp32acc` (its wide shape).  `python3 cuda_profile.py CASE...` runs a subset (names below).
 """
 import sys
 
@@ -18,6 +19,8 @@ CASES = {
     "ds1": ("deepseek-v3", 1, None),
     "glm64": ("glm-4.7-flash", 64, None),
     "glm4096": ("glm-4.7-flash", 4096, "moe_trellis_swiglu_large_batch"),
+    "glm4096w": ("glm-4.7-flash", 4096, None),
+    "qwen4096w": ("qwen3-30b-a3b", 4096, None),
 }
 
 weights = {}

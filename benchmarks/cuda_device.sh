@@ -73,9 +73,11 @@ for step in "$@"; do
                 METAL_MOE_CUDA_WIDE=$wd python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 32,128,512,4096 \
                   --variants moe_trellis_swiglu_fp32acc --no-baseline --json "$OUT/wide${wd}_$p.json" 2>&1 | tee -a "$OUT/wide.txt"
               done; done ;;
-    splits)   # K split a fixed number of ways (METAL_MOE_CUDA_SPLIT) at the batches where the rule splits
+    splits)   # K split a fixed number of ways (METAL_MOE_CUDA_SPLIT); never split (k = 1) also at the large
+              # batches, where the rule splits the wide shape's few items (NOTES-cuda.md, "the split rule")
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for k in 1 2 3 4; do
-                METAL_MOE_CUDA_SPLIT=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,16 \
+                batches=1,2,16,64; [ $k = 1 ] && batches=1,2,16,64,128,512,4096
+                METAL_MOE_CUDA_SPLIT=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch $batches \
                   --no-baseline --json "$OUT/split${k}_$p.json" 2>&1 | tee -a "$OUT/splits.txt"
               done; done ;;
     stages)   # graph replay of only the first k launches of each forward (k = 1..3; 4 is the bench step)

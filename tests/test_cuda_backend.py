@@ -230,33 +230,47 @@ def test_programmatic_launches_change_no_bit(tmp_path):
         assert np.array_equal(on[case], off[case]), case
 
 
+def _reference_without_rsf(batch):
+    x, ids, p = inputs(batch)              # the env scripts call without a routed scaling factor
+    return reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True))
+
+
 def test_both_shapes_of_the_fp32_general_variant(tmp_path):
     """METAL_MOE_CUDA_WIDE=0 / 1 force the fp32 general variant's own and its wide shape (128 slots per
     tile) at batch sizes where the default picks the other: nearly empty wide tiles (batch 3, 17: most
-    fragments skipped) and many-tile narrow calls (batch 300) match the reference, and the diagnostic
-    is named in Context.simd."""
+    fragments skipped) and many-tile narrow calls (batch 300) match the reference, the diagnostic is
+    named in Context.simd, and the two shapes really ran: their sums run in different orders (two
+    k-groups of warps against one), so their outputs are not bitwise equal."""
     variant = policy.GENERAL + policy.FP32ACC
     cases = [(3, variant), (17, variant), (300, variant)]
+    got = {}
     for env in ("0", "1"):
         (tmp_path / env).mkdir()
-        simd, got = _run_with_env(tmp_path / env, {"METAL_MOE_CUDA_WIDE": env}, cases)
+        simd, got[env] = _run_with_env(tmp_path / env, {"METAL_MOE_CUDA_WIDE": env}, cases)
         assert ("wide tiles off" if env == "0" else "wide tiles always") in simd
-        for batch, _ in cases:
-            x, ids, p = inputs(batch)      # the script calls without a routed scaling factor
-            check(got[(batch, variant)], reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True)), variant)
+        for case in cases:
+            check(got[env][case], _reference_without_rsf(case[0]), variant)
+    for case in cases:
+        assert not np.array_equal(got["0"][case], got["1"][case]), f"{case}: both runs took the same shape"
 
 
 def test_forced_k_splits_match_the_reference(tmp_path):
-    """METAL_MOE_CUDA_SPLIT=3 splits K three ways wherever a call may (fp32 accumulation, also where the
-    occupancy rule would not): the fixed-order reduction still matches the reference, and Context.simd
-    names the diagnostic."""
+    """METAL_MOE_CUDA_SPLIT=1 (never) and =3 (three ways, capped at a projection's steps) wherever a call
+    may split (fp32 accumulation): the fixed-order reduction matches the reference either way, Context.simd
+    names the diagnostic, and the forced counts really ran: here every case splits at least one
+    projection under =3 (the test layer's gate/up has 2 steps, its down 3) and none under =1, so the
+    partial sums are added in different orders and the outputs are not bitwise equal."""
     cases = [(1, policy.DECODE), (5, policy.PREFILL4 + policy.FP32ACC), (33, policy.GENERAL + policy.FP32ACC),
              (300, policy.GENERAL + policy.FP32ACC)]
-    simd, got = _run_with_env(tmp_path, {"METAL_MOE_CUDA_SPLIT": "3"}, cases)
-    assert "K split 3 ways" in simd
-    for batch, variant in cases:
-        x, ids, p = inputs(batch)          # the script calls without a routed scaling factor
-        check(got[(batch, variant)], reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True)), variant)
+    got = {}
+    for k in ("1", "3"):
+        (tmp_path / k).mkdir()
+        simd, got[k] = _run_with_env(tmp_path / k, {"METAL_MOE_CUDA_SPLIT": k}, cases)
+        assert f"K split forced to {k}" in simd
+        for case in cases:
+            check(got[k][case], _reference_without_rsf(case[0]), case[1])
+    for case in cases:
+        assert not np.array_equal(got["1"][case], got["3"][case]), f"{case}: the forced split count did not run"
 
 
 def test_timing_diagnostic_says_so(tmp_path):

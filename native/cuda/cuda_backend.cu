@@ -574,7 +574,7 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
     if (launches_env && launches_env[0] >= '1' && launches_env[0] <= '2' && !launches_env[1])
         c->launches = launches_env[0] - '0';
     char split_text[32] = "";
-    if (c->split) snprintf(split_text, sizeof split_text, ", K split %d ways", c->split);
+    if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
     snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s)", c->props.major, c->props.minor, c->props.name,
              c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
              c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "", split_text,
@@ -588,11 +588,19 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }
-    /* every kernel must get its shared memory (up to 152 KB: sm_80 and sm_90 give 163 and 227 KB per
-     * block; sm_86/89 give 99 KB, which these shapes do not fit yet) */
+    /* every kernel must get its shared memory, dynamic + static (up to 152 KB: sm_80 and sm_90 give 163
+     * and 227 KB per block; sm_86/89 give 99 KB, which these shapes do not fit yet) */
     size_t smem_need = 0;
-    for (int v = 0; v < 2 * MM_VARIANT_COUNT; ++v)
-        smem_need = std::max({smem_need, launchers[v / 2][v % 2].smem_gate_up, launchers[v / 2][v % 2].smem_down});
+    for (int v = 0; v < 2 * MM_VARIANT_COUNT; ++v) {
+        const Launcher &L = launchers[v / 2][v % 2];
+        cudaFuncAttributes gu{}, dn{};
+        if ((err = cudaFuncGetAttributes(&gu, L.gate_up)) != cudaSuccess ||
+            (err = cudaFuncGetAttributes(&dn, L.down)) != cudaSuccess) {
+            cuda_destroy(ctx);
+            return cuda_fail(err, "reading the kernels' attributes");
+        }
+        smem_need = std::max({smem_need, L.smem_gate_up + gu.sharedSizeBytes, L.smem_down + dn.sharedSizeBytes});
+    }
     if (smem_need > c->props.sharedMemPerBlockOptin) {
         const size_t have = c->props.sharedMemPerBlockOptin;
         const int major = c->props.major, minor = c->props.minor;

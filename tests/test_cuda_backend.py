@@ -191,6 +191,21 @@ def test_invalid_ids_with_direct_tiles():
         assert mm.stats()["cuda_invalid_ids"] == 1 + ids.shape[1], variant
 
 
+@pytest.mark.parametrize("variant", [policy.DECODE, policy.PREFILL4, policy.GENERAL + policy.FP32ACC, policy.LARGE_BATCH])
+def test_token_with_no_valid_slot_gets_a_nan_row(variant):
+    """Without a shared expert, a token whose every id is invalid reaches no down CTA, so mm_prep writes
+    its NaN row: the output is poisoned with a finite value here, so that a missing write shows."""
+    w = device_weights("mcg", (4, 2, 3), False)
+    x, ids, p = inputs(5)
+    ids = ids.copy()
+    ids[3, :] = EXPERTS_OUT_OF_RANGE
+    out = dev(np.full((5, HIDDEN), 7.0, np.float32))
+    mm.fused_moe(dev(x), dev(ids), dev(p), w, kernel=variant, out=out)
+    y = out.numpy()
+    assert np.all(np.isnan(y[3])), variant
+    assert np.all(np.isfinite(np.delete(y, 3, axis=0))) and not np.any(np.delete(y, 3, axis=0) == 7.0), variant
+
+
 _LAUNCH_ENV_SCRIPT = """
 import os, sys, numpy as np, metal_moe as mm
 sys.path.insert(0, {tests!r})

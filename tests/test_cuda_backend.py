@@ -245,9 +245,22 @@ def test_programmatic_launches_change_no_bit(tmp_path):
         assert np.array_equal(on[case], off[case]), case
 
 
-def _reference_without_rsf(batch):
-    x, ids, p = inputs(batch)              # the env scripts call without a routed scaling factor
-    return reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True))
+def _two_forced_settings(tmp_path, name, settings, cases):
+    """Runs `cases` once per {value: text in Context.simd} of the environment setting `name`; every
+    result must match the reference (the env script calls without a routed scaling factor), and the
+    two settings' results must not be bitwise equal (each test says why they would not be)."""
+    got = {}
+    for value, text in settings.items():
+        (tmp_path / value).mkdir()
+        simd, got[value] = _run_with_env(tmp_path / value, {name: value}, cases)
+        assert text in simd
+        for batch, variant in cases:
+            x, ids, p = inputs(batch)
+            check(got[value][(batch, variant)], reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True)),
+                  variant)
+    first, second = settings
+    for case in cases:
+        assert not np.array_equal(got[first][case], got[second][case]), f"{case}: {name} made no difference"
 
 
 def test_both_shapes_of_the_fp32_general_variant(tmp_path):
@@ -257,16 +270,8 @@ def test_both_shapes_of_the_fp32_general_variant(tmp_path):
     named in Context.simd, and the two shapes really ran: their sums run in different orders (two
     k-groups of warps against one), so their outputs are not bitwise equal."""
     variant = policy.GENERAL + policy.FP32ACC
-    cases = [(3, variant), (17, variant), (300, variant)]
-    got = {}
-    for env in ("0", "1"):
-        (tmp_path / env).mkdir()
-        simd, got[env] = _run_with_env(tmp_path / env, {"METAL_MOE_CUDA_WIDE": env}, cases)
-        assert ("wide tiles off" if env == "0" else "wide tiles always") in simd
-        for case in cases:
-            check(got[env][case], _reference_without_rsf(case[0]), variant)
-    for case in cases:
-        assert not np.array_equal(got["0"][case], got["1"][case]), f"{case}: both runs took the same shape"
+    _two_forced_settings(tmp_path, "METAL_MOE_CUDA_WIDE", {"0": "wide tiles off", "1": "wide tiles always"},
+                         [(3, variant), (17, variant), (300, variant)])
 
 
 def test_forced_k_splits_match_the_reference(tmp_path):
@@ -277,15 +282,8 @@ def test_forced_k_splits_match_the_reference(tmp_path):
     partial sums are added in different orders and the outputs are not bitwise equal."""
     cases = [(1, policy.DECODE), (5, policy.PREFILL4 + policy.FP32ACC), (33, policy.GENERAL + policy.FP32ACC),
              (300, policy.GENERAL + policy.FP32ACC)]
-    got = {}
-    for k in ("1", "3"):
-        (tmp_path / k).mkdir()
-        simd, got[k] = _run_with_env(tmp_path / k, {"METAL_MOE_CUDA_SPLIT": k}, cases)
-        assert f"K split forced to {k}" in simd
-        for case in cases:
-            check(got[k][case], _reference_without_rsf(case[0]), case[1])
-    for case in cases:
-        assert not np.array_equal(got["1"][case], got["3"][case]), f"{case}: the forced split count did not run"
+    _two_forced_settings(tmp_path, "METAL_MOE_CUDA_SPLIT", {"1": "K split forced to 1", "3": "K split forced to 3"},
+                         cases)
 
 
 def test_timing_diagnostic_says_so(tmp_path):

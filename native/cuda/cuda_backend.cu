@@ -221,8 +221,9 @@ cudaError_t launch(void (*kernel)(const mm_cuda_args), dim3 grid, unsigned threa
     return err;
 }
 
-/* How many CTAs share the K loop of each output block: none while `items` (tiles x column blocks)
- * fill the GPU; otherwise the split count in 2..MAX_SPLIT that minimises waves / splits.  forced > 0
+/* How many CTAs share the K loop of each output block: the split count in 1..MAX_SPLIT that minimises
+ * waves / splits of `items` (tiles x column blocks; 1 on a tie), even where the unsplit items already
+ * fill several waves (NOTES-cuda.md, "the split rule": that costs the wide shape).  forced > 0
  * (METAL_MOE_CUDA_SPLIT): that count wherever splitting is possible, capped at the steps. */
 int choose_splits(const Launcher &L, int64_t items, int ktiles, int capacity, int forced)
 {
@@ -538,6 +539,13 @@ extern "C" int mm_cuda_device_count(void)
     return n;
 }
 
+/* A one-digit environment setting: its value if it is exactly one digit in lo..hi, else `unset`. */
+static int env_digit(const char *name, int lo, int hi, int unset)
+{
+    const char *v = getenv(name);
+    return v && v[0] >= '0' + lo && v[0] <= '0' + hi && !v[1] ? v[0] - '0' : unset;
+}
+
 extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_options *options)
 {
     (void)options;
@@ -565,14 +573,10 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
      * graph replay; METAL_MOE_CUDA_WIDE=0 / 1 never / always takes a variant's wide shape (where it has
      * one) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..4 splits K that many ways
      * wherever a call may split (fp32 accumulation) instead of choosing by occupancy. */
-    const char *pdl_env = getenv("METAL_MOE_CUDA_PDL"), *launches_env = getenv("METAL_MOE_CUDA_LAUNCHES");
-    const char *wide_env = getenv("METAL_MOE_CUDA_WIDE");
-    if (wide_env && (wide_env[0] == '0' || wide_env[0] == '1') && !wide_env[1]) c->wide = wide_env[0] - '0';
-    const char *split_env = getenv("METAL_MOE_CUDA_SPLIT");
-    if (split_env && split_env[0] >= '1' && split_env[0] <= '0' + MAX_SPLIT && !split_env[1]) c->split = split_env[0] - '0';
-    c->pdl = c->props.major >= 9 && !(pdl_env && strcmp(pdl_env, "0") == 0);
-    if (launches_env && launches_env[0] >= '1' && launches_env[0] <= '2' && !launches_env[1])
-        c->launches = launches_env[0] - '0';
+    c->pdl = c->props.major >= 9 && env_digit("METAL_MOE_CUDA_PDL", 0, 0, 1) != 0;
+    c->launches = env_digit("METAL_MOE_CUDA_LAUNCHES", 1, 2, 3);
+    c->wide = env_digit("METAL_MOE_CUDA_WIDE", 0, 1, -1);
+    c->split = env_digit("METAL_MOE_CUDA_SPLIT", 1, MAX_SPLIT, 0);
     char split_text[32] = "";
     if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
     snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s)", c->props.major, c->props.minor, c->props.name,

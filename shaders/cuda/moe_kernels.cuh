@@ -530,12 +530,13 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         /* Fragments wholly past the tile's slots are skipped: the step runs with a quarter, half or all
          * of them (compile-time counts, chosen per CTA), never with a test per fragment (measured
          * together with ldmatrix inputs: 12-29% slower in the std orientation; NOTES-cuda.md, version 8) */
+        const int k0chunk = kbeg + chunk * KC;
         if (NFRAG >= 4 && count <= NFRAG / 4 * FRAG_ROWS)
-            compute_step(Frags<(NFRAG >= 4 ? NFRAG / 4 : 1)>(), wbuf, step, xchunk, kbeg + chunk * KC);
+            compute_step(Frags<(NFRAG >= 4 ? NFRAG / 4 : 1)>(), wbuf, step, xchunk, k0chunk);
         else if (NFRAG >= 2 && count <= NFRAG / 2 * FRAG_ROWS)
-            compute_step(Frags<(NFRAG >= 2 ? NFRAG / 2 : 1)>(), wbuf, step, xchunk, kbeg + chunk * KC);
+            compute_step(Frags<(NFRAG >= 2 ? NFRAG / 2 : 1)>(), wbuf, step, xchunk, k0chunk);
         else
-            compute_step(Frags<NFRAG>(), wbuf, step, xchunk, kbeg + chunk * KC);
+            compute_step(Frags<NFRAG>(), wbuf, step, xchunk, k0chunk);
         buf = buf + 1 == S ? 0 : buf + 1;
     }
     cp_async_wait<0>();

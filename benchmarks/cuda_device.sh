@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
 #   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
-# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, splits, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, splits, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -80,6 +80,13 @@ for step in "$@"; do
                 METAL_MOE_CUDA_SPLIT=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch $batches \
                   --no-baseline --json "$OUT/split${k}_$p.json" 2>&1 | tee -a "$OUT/splits.txt"
               done; done ;;
+    trace)    # each policy choice's launch plan (METAL_MOE_CUDA_TRACE): shape, tile bound, CTAs per wave, K splits
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
+                echo "# $p" >> "$OUT/trace.txt"
+                METAL_MOE_CUDA_TRACE=1 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --no-baseline \
+                  --batch 1,2,4,8,16,32,64,128,512,4096 --repeats 2 2>&1 > /dev/null | grep "^metal_moe cuda" | uniq >> "$OUT/trace.txt"
+              done
+              cat "$OUT/trace.txt" | tee -a "$OUT/summary.txt" ;;
     stages)   # graph replay of only the first k launches of each forward (k = 1..3; 4 is the bench step)
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for k in 1 2 3; do
                 METAL_MOE_CUDA_LAUNCHES=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet \

@@ -33,7 +33,9 @@ constexpr int cuda_orient(int id)
     return id == MM_VARIANT_LARGE_BATCH || id == MM_VARIANT_SIMD ? mm::ORIENT_STD : mm::ORIENT_SWAP;
 }
 constexpr int cuda_tokens(int id, int tokens) { return id == MM_VARIANT_LARGE_BATCH ? 64 : tokens; }
-constexpr int cuda_wk(int id) { return cuda_orient(id) == mm::ORIENT_STD ? 1 : 2; }
+/* warps splitting K inside a CTA: the decode variants (one slot) use one group of 8 warps, so that two
+ * 256-thread CTAs share an SM and K splits across CTAs instead */
+constexpr int cuda_wk(int id, int tokens) { return cuda_orient(id) == mm::ORIENT_STD || tokens == 1 ? 1 : 2; }
 constexpr int cuda_kc(int id, int tokens)
 {
     return cuda_tokens(id, tokens) >= 64 ? 128 : cuda_tokens(id, tokens) >= 16 ? 256 : 512;
@@ -74,10 +76,11 @@ constexpr Launcher wide_launcher()
 
 constexpr int MAX_SPLIT = 4;                /* K splits per output block */
 constexpr int MAX_SPLIT_ITEMS = 4096;       /* (tile, column block) items that may be split */
+constexpr double SPLIT_GAIN = 0.2;          /* the least share of the unsplit waves a split must save */
 
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                            \
     using Cfg_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
-                                cuda_wk(MM_VARIANT_##ID), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>;             \
+                                cuda_wk(MM_VARIANT_##ID, tokens), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>;             \
     using Wide_##ID = mm::Config<mm::ORIENT_STD, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;
 #include "variants.def"
 #undef MM_VARIANT
@@ -112,6 +115,7 @@ struct CudaContext {
     int launches = 3;                       /* < 3: a timing diagnostic (METAL_MOE_CUDA_LAUNCHES) */
     int wide = -1;                          /* METAL_MOE_CUDA_WIDE: -1 by the slots per expert, 0 never, 1 always */
     int split = 0;                          /* METAL_MOE_CUDA_SPLIT: 0 chosen per call, 1..MAX_SPLIT forced */
+    bool trace = false;                     /* METAL_MOE_CUDA_TRACE=1: each forward's launch plan on stderr */
 };
 
 mm_status cuda_fail(cudaError_t err, const char *what)
@@ -221,22 +225,24 @@ cudaError_t launch(void (*kernel)(const mm_cuda_args), dim3 grid, unsigned threa
     return err;
 }
 
-/* How many CTAs share the K loop of each output block: the split count in 1..MAX_SPLIT that minimises
- * waves / splits of `items` (tiles x column blocks; 1 on a tie), even where the unsplit items already
- * fill several waves (NOTES-cuda.md, "the split rule": that costs the wide shape).  forced > 0
- * (METAL_MOE_CUDA_SPLIT): that count wherever splitting is possible, capped at the steps. */
+/* How many CTAs share the K loop of each output block: the split count in 2..MAX_SPLIT that minimises
+ * waves / splits of `items` (tiles x column blocks), but only where that saves at least SPLIT_GAIN of
+ * the unsplit waves; otherwise 1.  Writing and adding the partial sums is not free: splits that saved
+ * 2-3% of the modelled waves made glm and qwen up to 2x slower (NOTES-cuda.md, "the split rule").
+ * forced > 0 (METAL_MOE_CUDA_SPLIT): that count wherever splitting is possible, capped at the steps. */
 int choose_splits(const Launcher &L, int64_t items, int ktiles, int capacity, int forced)
 {
     if (!L.splittable || items > MAX_SPLIT_ITEMS) return 1;
     const int steps = ktiles / L.step_tiles;
     if (forced > 0) return std::max(1, std::min(forced, steps));
     int best = 1;
-    double best_cost = static_cast<double>((items + capacity - 1) / capacity);
+    const double unsplit = static_cast<double>((items + capacity - 1) / capacity);
+    double best_cost = unsplit;
     for (int s = 2; s <= MAX_SPLIT && s <= steps; ++s) {
         const double cost = static_cast<double>((items * s + capacity - 1) / capacity) / s;
         if (cost < best_cost - 1e-9) best = s, best_cost = cost;
     }
-    return best;
+    return best_cost <= (1.0 - SPLIT_GAIN) * unsplit ? best : 1;
 }
 
 mm_cuda_proj view(const mm_projection &p, int in, int out)
@@ -322,6 +328,12 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const int *occupancy = c->blocks_per_sm[call->variant_id][shape];
     int split_gu = choose_splits(L, max_tiles * (I / mm::COLS), H / 16, sms * occupancy[0], c->split);
     int split_dn = choose_splits(L, max_tiles * (H / mm::COLS), I / 16, sms * occupancy[1], c->split);
+    if (c->trace)
+        std::fprintf(stderr, "metal_moe cuda: %lld tokens, variant %d, %s shape (%d slots per tile), <= %lld tiles; "
+                     "gate_up %lld items, %d CTAs per wave, K split %d; down %lld items, %d per wave, K split %d\n",
+                     (long long)call->tokens, call->variant_id, shape ? "wide" : "own", L.tokens, (long long)max_tiles,
+                     (long long)(max_tiles * (I / mm::COLS)), sms * occupancy[0], split_gu,
+                     (long long)(max_tiles * (H / mm::COLS)), sms * occupancy[1], split_dn);
     size_t partial_floats = std::max<size_t>(
         split_gu > 1 ? 2ull * max_tiles * (I / mm::COLS) * split_gu * L.tokens * mm::COLS : 0,
         split_dn > 1 ? 1ull * max_tiles * (H / mm::COLS) * split_dn * L.tokens * mm::COLS : 0);
@@ -572,11 +584,13 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
      * launches of each forward (the output is then NOT written), to time each launch's share of a
      * graph replay; METAL_MOE_CUDA_WIDE=0 / 1 never / always takes a variant's wide shape (where it has
      * one) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..4 splits K that many ways
-     * wherever a call may split (fp32 accumulation) instead of choosing by occupancy. */
+     * wherever a call may split (fp32 accumulation) instead of choosing by occupancy;
+     * METAL_MOE_CUDA_TRACE=1 prints each forward's shape, tile bound, capacity and splits to stderr. */
     c->pdl = c->props.major >= 9 && env_digit("METAL_MOE_CUDA_PDL", 0, 0, 1) != 0;
     c->launches = env_digit("METAL_MOE_CUDA_LAUNCHES", 1, 2, 3);
     c->wide = env_digit("METAL_MOE_CUDA_WIDE", 0, 1, -1);
     c->split = env_digit("METAL_MOE_CUDA_SPLIT", 1, MAX_SPLIT, 0);
+    c->trace = env_digit("METAL_MOE_CUDA_TRACE", 1, 1, 0) == 1;
     char split_text[32] = "";
     if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
     snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s)", c->props.major, c->props.minor, c->props.name,

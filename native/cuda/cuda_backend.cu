@@ -42,7 +42,7 @@ constexpr int cuda_kc(int id, int tokens)
 }
 
 /* The wide shape: 128 slots per tile in the std orientation (each decoded weight tile feeding up to
- * 16 MMAs per projection), for a call whose experts have more slots on average than one
+ * 16 MMAs per projection), for a call whose experts have on average at least as many slots as one
  * tile of the variant's own shape holds, where that shape would decode every weight several times.
  * Only the fp32 general variant has one (the policy's choice from batch 33 on when hidden >= 1024):
  * its shared memory (135 KB, the fp32 epilogue rows) fits an sm_80 block; an fp16-accumulating
@@ -315,9 +315,10 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const int H = w->hidden, I = w->intermediate;
     const int64_t routed_slots = call->tokens * call->top_k;
     const int64_t slots = routed_slots + (w->has_shared ? call->tokens : 0);
-    /* the wide shape when the routed experts average more slots than one tile of the own shape holds */
+    /* the wide shape when the routed experts average at least one full tile of the own shape (measured:
+     * wide is faster at 16 or more slots per expert, slower at 8; NOTES-cuda.md, version 9) */
     const int own_tokens = launchers[call->variant_id][0].tokens;
-    const int shape = c->wide >= 0 ? c->wide : routed_slots > static_cast<int64_t>(own_tokens) * w->experts;
+    const int shape = c->wide >= 0 ? c->wide : routed_slots >= static_cast<int64_t>(own_tokens) * w->experts;
     const Launcher &L = launchers[call->variant_id][shape];
     if (2 * slots * (H > I ? H : I) >= (1ll << 31))
         return mm_fail(MM_ERR_UNSUPPORTED, "x: %lld tokens x %d slots is too many for one cuda call (the workspace "

@@ -327,17 +327,17 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const int64_t max_tiles = std::min<int64_t>(slots, slots / L.tokens + std::min<int64_t>(nexp, slots));
     const int sms = c->props.multiProcessorCount;
     const int *occupancy = c->blocks_per_sm[call->variant_id][shape];
-    int split_gu = choose_splits(L, max_tiles * (I / mm::COLS), H / 16, sms * occupancy[0], c->split);
-    int split_dn = choose_splits(L, max_tiles * (H / mm::COLS), I / 16, sms * occupancy[1], c->split);
+    const int64_t items_gu = max_tiles * (I / mm::COLS), items_dn = max_tiles * (H / mm::COLS);
+    int split_gu = choose_splits(L, items_gu, H / 16, sms * occupancy[0], c->split);
+    int split_dn = choose_splits(L, items_dn, I / 16, sms * occupancy[1], c->split);
     if (c->trace)
         std::fprintf(stderr, "metal_moe cuda: %lld tokens, variant %d, %s shape (%d slots per tile), <= %lld tiles; "
                      "gate_up %lld items, %d CTAs per wave, K split %d; down %lld items, %d per wave, K split %d\n",
                      (long long)call->tokens, call->variant_id, shape ? "wide" : "own", L.tokens, (long long)max_tiles,
-                     (long long)(max_tiles * (I / mm::COLS)), sms * occupancy[0], split_gu,
-                     (long long)(max_tiles * (H / mm::COLS)), sms * occupancy[1], split_dn);
+                     (long long)items_gu, sms * occupancy[0], split_gu, (long long)items_dn, sms * occupancy[1], split_dn);
     size_t partial_floats = std::max<size_t>(
-        split_gu > 1 ? 2ull * max_tiles * (I / mm::COLS) * split_gu * L.tokens * mm::COLS : 0,
-        split_dn > 1 ? 1ull * max_tiles * (H / mm::COLS) * split_dn * L.tokens * mm::COLS : 0);
+        split_gu > 1 ? 2ull * items_gu * split_gu * L.tokens * mm::COLS : 0,
+        split_dn > 1 ? 1ull * items_dn * split_dn * L.tokens * mm::COLS : 0);
 
     /* workspace layout */
     const size_t off_xin = 0;

@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
 #   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
-# Steps (any subset, run in the order given; a failing quick stops the rest): quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, splits, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, splits, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -33,6 +33,9 @@ for step in "$@"; do
               tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt" ;;
     disttest) python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_distributed.py" > "$OUT/disttest.log" 2>&1
               grep -E "^E  .*(assert|Error|\(|failed)|passed|failed" "$OUT/disttest.log" | tail -25 | tee -a "$OUT/summary.txt" ;;
+    probe)    # the wgmma conventions of the wgmma wide shape, stand-alone (benchmarks/probe_wgmma.cu)
+              nvcc -gencode=arch=compute_90a,code=sm_90a "$REPO/benchmarks/probe_wgmma.cu" -o /tmp/probe_wgmma \
+                && /tmp/probe_wgmma 2>&1 | tee -a "$OUT/summary.txt" ;;
     quick)    python3 -m pytest -q -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k "not variant_matches" > "$OUT/quick.log" 2>&1
               tail -25 "$OUT/quick.log" | tee -a "$OUT/summary.txt"
               grep -qE "[0-9]+ (failed|error)" "$OUT/quick.log" && { echo "quick failed: stopping"; exit 1; } ;;

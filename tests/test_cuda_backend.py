@@ -221,7 +221,9 @@ for batch, variant in {cases!r}:
 """
 
 
-def _run_with_env(tmp_path, env, cases):
+def _run_with_env(tmp_path, env, cases, with_stderr=False):
+    """Runs `cases` [(batch, variant)] in a fresh process with `env` added: (Context.simd, {case: output}),
+    and the process's stderr (where METAL_MOE_CUDA_TRACE=1 writes) if with_stderr."""
     import subprocess
     import sys
 
@@ -229,7 +231,8 @@ def _run_with_env(tmp_path, env, cases):
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    return done.stdout.splitlines()[0], {c: np.load(tmp_path / f"{c[0]}_{c[1]}.npy") for c in cases}
+    result = done.stdout.splitlines()[0], {c: np.load(tmp_path / f"{c[0]}_{c[1]}.npy") for c in cases}
+    return (*result, done.stderr) if with_stderr else result
 
 
 def test_programmatic_launches_change_no_bit(tmp_path):
@@ -272,6 +275,31 @@ def test_both_shapes_of_the_fp32_general_variant(tmp_path):
     variant = policy.GENERAL + policy.FP32ACC
     _two_forced_settings(tmp_path, "METAL_MOE_CUDA_WIDE", {"0": "wide tiles off", "1": "wide tiles always"},
                          [(3, variant), (17, variant), (300, variant)])
+
+
+def test_wide_shape_on_wgmma_and_on_mma_sync(tmp_path):
+    """On compute capability 9.0 the wide shape runs on wgmma (sm_90a code, found by the context's probe
+    kernel); METAL_MOE_CUDA_WGMMA=0 runs it on mma.sync.  Both match the reference with the wide shape
+    forced at batch 3 and 17 (one n32 wgmma per projection and k-tile: most of the tile empty; K split
+    across CTAs) and 300 (tiles of 75 routed slots and the shared expert's 128, 128, 44: n128 and n64),
+    and the trace on stderr shows which ran: the two may give bitwise equal sums, so the outputs cannot
+    tell.  Elsewhere (sm_80, or a 9.0 GPU running the compute_90 PTX) Context.simd never names wgmma."""
+    simd = mm.Context("cuda").simd
+    if not simd.startswith("sm_90 "):
+        assert "wgmma" not in simd
+        pytest.skip(f"wgmma needs compute capability 9.0 (this device: {simd})")
+    variant = policy.GENERAL + policy.FP32ACC
+    cases = [(3, variant), (17, variant), (300, variant)]
+    for value, simd_text, shape in (("1", "wgmma wide tiles", "wide (wgmma) shape"), ("0", "wgmma off", "wide shape")):
+        (tmp_path / value).mkdir()
+        simd, got, trace = _run_with_env(tmp_path / value, {"METAL_MOE_CUDA_WGMMA": value, "METAL_MOE_CUDA_WIDE": "1",
+                                                            "METAL_MOE_CUDA_TRACE": "1"}, cases, with_stderr=True)
+        assert simd_text in simd, simd
+        plans = [line for line in trace.splitlines() if line.startswith("metal_moe cuda:")]
+        assert len(plans) == len(cases) and all(f", {shape} (128 slots per tile)" in line for line in plans), trace
+        for batch, _ in cases:
+            x, ids, p = inputs(batch)
+            check(got[(batch, variant)], reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True)), variant)
 
 
 def test_forced_k_splits_match_the_reference(tmp_path):

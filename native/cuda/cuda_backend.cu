@@ -47,9 +47,13 @@ constexpr int cuda_kc(int id, int tokens)
  * Only the fp32 general variant has one (the policy's choice from batch 33 on when hidden >= 1024):
  * its shared memory (135 KB, the fp32 epilogue rows) fits an sm_80 block; an fp16-accumulating
  * twin would need 198 KB (its fp16 rows after the fp32 ones).  Variants without one run their own
- * shape at every batch.  KC = 64 and 2 k-tiles per step keep the staged inputs at 72 KB. */
+ * shape at every batch.  KC = 64 and 2 k-tiles per step keep the staged inputs at 72 KB.
+ * On sm_90a (H100/H200: compute capability 9.0 running this library's sm_90a code) the wide shape
+ * is the same tile on wgmma instead of mma.sync (mm::ORIENT_WG; METAL_MOE_CUDA_WGMMA=0 turns it off). */
 constexpr bool cuda_has_wide(int id) { return id == MM_VARIANT_GENERAL_FP32ACC; }
 constexpr int WIDE_TOKENS = 128;
+enum { SHAPE_OWN = 0, SHAPE_WIDE = 1, SHAPE_WIDE_WGMMA = 2, SHAPES = 3 };
+const char *const shape_names[SHAPES] = {"own", "wide", "wide (wgmma)"};
 
 struct Launcher {
     void (*gate_up)(const mm_cuda_args);
@@ -66,7 +70,7 @@ constexpr Launcher make_launcher()
     return {mm::mm_gate_up<C>, mm::mm_down<C>, C::smem_bytes(2), C::smem_bytes(1), C::THREADS, C::T, C::WK * C::U, C::F32};
 }
 
-/* [variant][0]: its own shape; [1]: its wide shape (its own again where it has none) */
+/* [variant][SHAPE_*]: its own shape; its wide shapes (its own again where it has none) */
 template <int ID, class Own, class Wide>
 constexpr Launcher wide_launcher()
 {
@@ -81,13 +85,15 @@ constexpr double SPLIT_GAIN = 0.2;          /* the least share of the unsplit wa
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                            \
     using Cfg_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
                                 cuda_wk(MM_VARIANT_##ID, tokens), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>;             \
-    using Wide_##ID = mm::Config<mm::ORIENT_STD, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;
+    using Wide_##ID = mm::Config<mm::ORIENT_STD, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;               \
+    using WideWG_##ID = mm::Config<mm::ORIENT_WG, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;
 #include "variants.def"
 #undef MM_VARIANT
 
-const Launcher launchers[MM_VARIANT_COUNT][2] = {
-#define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK) \
-    {make_launcher<Cfg_##ID>(), wide_launcher<MM_VARIANT_##ID, Cfg_##ID, Wide_##ID>()},
+const Launcher launchers[MM_VARIANT_COUNT][SHAPES] = {
+#define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                     \
+    {make_launcher<Cfg_##ID>(), wide_launcher<MM_VARIANT_##ID, Cfg_##ID, Wide_##ID>(), \
+     wide_launcher<MM_VARIANT_##ID, Cfg_##ID, WideWG_##ID>()},
 #include "variants.def"
 #undef MM_VARIANT
 };
@@ -108,10 +114,11 @@ struct CudaContext {
     unsigned long long *counters = nullptr; /* device: [0] fp32 re-runs, [1] invalid ids */
     cudaEvent_t last_done = nullptr;
     int32_t *tickets = nullptr;             /* split K: MAX_SPLIT_ITEMS counters, zero between calls */
-    int blocks_per_sm[MM_VARIANT_COUNT][2][2] = {};   /* [variant][shape][gate_up, down] */
+    int blocks_per_sm[MM_VARIANT_COUNT][SHAPES][2] = {};   /* [variant][shape][gate_up, down] */
     cudaStream_t last_stream = nullptr;
     bool has_last = false;
     bool pdl = false;                       /* programmatic dependent launches (sm_90+) */
+    bool wgmma = false;                     /* sm_90a code runs: the wide shape on wgmma */
     int launches = 3;                       /* < 3: a timing diagnostic (METAL_MOE_CUDA_LAUNCHES) */
     int wide = -1;                          /* METAL_MOE_CUDA_WIDE: -1 by the slots per expert, 0 never, 1 always */
     int split = 0;                          /* METAL_MOE_CUDA_SPLIT: 0 chosen per call, 1..MAX_SPLIT forced */
@@ -317,8 +324,10 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const int64_t slots = routed_slots + (w->has_shared ? call->tokens : 0);
     /* the wide shape when the routed experts average at least one full tile of the own shape (measured:
      * wide is faster at 16 or more slots per expert, slower at 8; NOTES-cuda.md, version 9) */
-    const int own_tokens = launchers[call->variant_id][0].tokens;
-    const int shape = c->wide >= 0 ? c->wide : routed_slots >= static_cast<int64_t>(own_tokens) * w->experts;
+    const int own_tokens = launchers[call->variant_id][SHAPE_OWN].tokens;
+    const bool wide = cuda_has_wide(call->variant_id) &&
+                      (c->wide >= 0 ? c->wide == 1 : routed_slots >= static_cast<int64_t>(own_tokens) * w->experts);
+    const int shape = !wide ? SHAPE_OWN : c->wgmma ? SHAPE_WIDE_WGMMA : SHAPE_WIDE;
     const Launcher &L = launchers[call->variant_id][shape];
     if (2 * slots * (H > I ? H : I) >= (1ll << 31))
         return mm_fail(MM_ERR_UNSUPPORTED, "x: %lld tokens x %d slots is too many for one cuda call (the workspace "
@@ -333,7 +342,7 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     if (c->trace)
         std::fprintf(stderr, "metal_moe cuda: %lld tokens, variant %d, %s shape (%d slots per tile), <= %lld tiles; "
                      "gate_up %lld items, %d CTAs per wave, K split %d; down %lld items, %d per wave, K split %d\n",
-                     (long long)call->tokens, call->variant_id, shape ? "wide" : "own", L.tokens, (long long)max_tiles,
+                     (long long)call->tokens, call->variant_id, shape_names[shape], L.tokens, (long long)max_tiles,
                      (long long)items_gu, sms * occupancy[0], split_gu, (long long)items_dn, sms * occupancy[1], split_dn);
     size_t partial_floats = std::max<size_t>(
         split_gu > 1 ? 2ull * items_gu * split_gu * L.tokens * mm::COLS : 0,
@@ -586,32 +595,47 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
      * graph replay; METAL_MOE_CUDA_WIDE=0 / 1 never / always takes a variant's wide shape (where it has
      * one) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..4 splits K that many ways
      * wherever a call may split (fp32 accumulation) instead of choosing by occupancy;
-     * METAL_MOE_CUDA_TRACE=1 prints each forward's shape, tile bound, capacity and splits to stderr. */
+     * METAL_MOE_CUDA_TRACE=1 prints each forward's shape, tile bound, capacity and splits to stderr;
+     * METAL_MOE_CUDA_WGMMA=0 runs the wide shape on mma.sync where it would run on wgmma. */
     c->pdl = c->props.major >= 9 && env_digit("METAL_MOE_CUDA_PDL", 0, 0, 1) != 0;
     c->launches = env_digit("METAL_MOE_CUDA_LAUNCHES", 1, 2, 3);
     c->wide = env_digit("METAL_MOE_CUDA_WIDE", 0, 1, -1);
     c->split = env_digit("METAL_MOE_CUDA_SPLIT", 1, MAX_SPLIT, 0);
     c->trace = env_digit("METAL_MOE_CUDA_TRACE", 1, 1, 0) == 1;
-    char split_text[32] = "";
-    if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
-    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s)", c->props.major, c->props.minor, c->props.name,
-             c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
-             c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "", split_text,
-             c->launches < 3 ? ", TIMING ONLY: first launches of each forward, no output" : "");
     if ((err = cudaMalloc(&c->counters, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaMemset(c->counters, 0, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaEventCreateWithFlags(&c->last_done, cudaEventDisableTiming)) != cudaSuccess ||
-        (err = cudaMalloc(&c->tickets, MAX_SPLIT_ITEMS * sizeof(int32_t))) != cudaSuccess ||
-        (err = cudaMemset(c->tickets, 0, MAX_SPLIT_ITEMS * sizeof(int32_t))) != cudaSuccess ||
+        (err = cudaMalloc(&c->tickets, MAX_SPLIT_ITEMS * sizeof(int32_t))) != cudaSuccess) {
+        cuda_destroy(ctx);
+        return cuda_fail(err, "creating the context");
+    }
+    /* wgmma: compute capability 9.0 exactly (sm_90a code runs on no other), and the probe kernel says
+     * the code the driver loaded is that (not the compute_90 PTX, e.g. under CUDA_FORCE_PTX_JIT=1);
+     * it writes into the split tickets, zeroed next */
+    int wgmma_code = 0;
+    if (c->props.major == 9 && c->props.minor == 0) {
+        mm::mm_wgmma_probe<<<1, 1>>>(c->tickets);
+        if ((err = cudaGetLastError()) == cudaSuccess)
+            err = cudaMemcpy(&wgmma_code, c->tickets, sizeof wgmma_code, cudaMemcpyDeviceToHost);
+    }
+    if (err != cudaSuccess || (err = cudaMemset(c->tickets, 0, MAX_SPLIT_ITEMS * sizeof(int32_t))) != cudaSuccess ||
         (err = cudaDeviceSynchronize()) != cudaSuccess) {          /* zeroed before any stream uses them */
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }
+    c->wgmma = wgmma_code == 1 && env_digit("METAL_MOE_CUDA_WGMMA", 0, 0, 1) != 0;
+    char split_text[32] = "";
+    if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
+    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s%s)", c->props.major, c->props.minor,
+             c->props.name, c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
+             c->wgmma ? ", wgmma wide tiles" : wgmma_code ? ", wgmma off" : "",
+             c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "", split_text,
+             c->launches < 3 ? ", TIMING ONLY: first launches of each forward, no output" : "");
     /* every kernel must get its shared memory, dynamic + static (up to 152 KB: sm_80 and sm_90 give 163
      * and 227 KB per block; sm_86/89 give 99 KB, which these shapes do not fit yet) */
     size_t smem_need = 0;
-    for (int v = 0; v < 2 * MM_VARIANT_COUNT; ++v) {
-        const Launcher &L = launchers[v / 2][v % 2];
+    for (int v = 0; v < SHAPES * MM_VARIANT_COUNT; ++v) {
+        const Launcher &L = launchers[v / SHAPES][v % SHAPES];
         cudaFuncAttributes gu{}, dn{};
         if ((err = cudaFuncGetAttributes(&gu, L.gate_up)) != cudaSuccess ||
             (err = cudaFuncGetAttributes(&dn, L.down)) != cudaSuccess) {
@@ -628,8 +652,8 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
                        "block; the cuda kernels need %zu (sm_80 and sm_90 GPUs have enough)", major, minor, have,
                        smem_need);
     }
-    for (int v = 0; v < 2 * MM_VARIANT_COUNT; ++v) {
-        const Launcher &L = launchers[v / 2][v % 2];
+    for (int v = 0; v < SHAPES * MM_VARIANT_COUNT; ++v) {
+        const Launcher &L = launchers[v / SHAPES][v % SHAPES];
         if ((err = cudaFuncSetAttribute(L.gate_up, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(L.smem_gate_up))) != cudaSuccess ||
             (err = cudaFuncSetAttribute(L.down, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -645,7 +669,7 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
                 cuda_destroy(ctx);
                 return cuda_fail(err, "reading the kernels' occupancy");
             }
-            c->blocks_per_sm[v / 2][v % 2][k] = n > 0 ? n : 1;
+            c->blocks_per_sm[v / SHAPES][v % SHAPES][k] = n > 0 ? n : 1;
         }
     }
     return MM_OK;

@@ -38,7 +38,10 @@
  *   weights as B ("std", many tokens): mma(A = x (m = 16 tokens, k = 16), B = W (k = 16, n = 8
  *       columns)) twice per tile: tokens pad to 16.  The format's native orientation.
  * A variant may have a second, "wide" shape (cuda_backend.cu: 128 slots, std orientation) that the
- * host takes when its experts average more slots than one tile of its own shape holds.  MMA
+ * host takes when its experts average more slots than one tile of its own shape holds; on sm_90a
+ * the wide shape is the swap orientation on wgmma instead (ORIENT_WG: the warpgroup's A = the
+ * decoded W^T tiles from registers, B = x^T of 32, 64 or 128 slots read from shared memory by the
+ * tensor cores, so no instruction loads an input fragment).  MMA
  * fragments wholly past a tile's slots are skipped (main_loop: quarter / half / all, per step).
  * Inputs are staged per K chunk in shared memory with cp.async (double-buffered); the weight words
  * of each step (U k-tiles per k-group of warps x the CTA's 8 column tiles) too, three steps in flight
@@ -61,7 +64,8 @@
 
 namespace mm {
 
-enum { ORIENT_SWAP = 0, ORIENT_STD = 1 };
+/* ORIENT_WG: the swap orientation on sm_90a's warpgroup MMA (wgmma, below) */
+enum { ORIENT_SWAP = 0, ORIENT_STD = 1, ORIENT_WG = 2 };
 constexpr int COLS = 128;            /* output columns per CTA: one Hadamard block */
 constexpr int NWARP_N = COLS / 16;   /* warps across the columns (one 16-column tile each) */
 constexpr int EP_STRIDE = COLS + 4;  /* floats per epilogue row */
@@ -78,8 +82,10 @@ struct Config {
     static constexpr int KG = KG_, KU = KU_, KD = KD_;   /* compile-time 2K, 0 = run-time */
     static constexpr int U = U_;             /* k-tiles per warp per step */
     static constexpr int THREADS = 32 * NWARP_N * WK;
-    static constexpr int TP = ORIENT == ORIENT_SWAP ? (T + 7) / 8 * 8 : (T + 15) / 16 * 16;
-    static_assert(ORIENT == ORIENT_SWAP || T % 16 == 0, "std orientation needs whole m16 blocks");
+    static constexpr bool SWAPPED = ORIENT != ORIENT_STD;          /* weights as the MMA's A operand */
+    static constexpr int TP = SWAPPED ? (T + 7) / 8 * 8 : (T + 15) / 16 * 16;
+    static_assert(SWAPPED || T % 16 == 0, "std orientation needs whole m16 blocks");
+    static_assert(ORIENT != ORIENT_WG || (T == 128 && WK == 1 && F32), "wgmma: 128 slots, one k-group, fp32 sums");
     static_assert(KC % (16 * WK * U) == 0 && COLS % (16 * WK * U) == 0, "chunks hold whole warp steps");
     static constexpr int STEP_TILES = WK * U;   /* k-tiles per CTA step */
     static constexpr int WSTAGES = 3;           /* weight steps in flight in shared memory */
@@ -91,7 +97,8 @@ struct Config {
      * other slots' results in place.  A staged weight tile is its words followed by copies of its
      * first two (the lane windows wrap around the tile), TILE_WORDS apart, sized for 8 bits. */
     static constexpr int TILE_WORDS = 4 * 16 + 4;
-    static constexpr size_t stage_bytes(int nmat) { return 2ull * nmat * T * (KC + 8) * 2; }
+    static constexpr int XS = ORIENT == ORIENT_WG ? KC : KC + 8;   /* halves per staged input row */
+    static constexpr size_t stage_bytes(int nmat) { return 2ull * nmat * T * XS * 2; }
     static constexpr size_t wstage_bytes(int nmat) { return 4ull * nmat * STEP_TILES * NWARP_N * TILE_WORDS; }
     static constexpr size_t inputs_bytes(int nmat) { return stage_bytes(nmat) + WSTAGES * wstage_bytes(nmat); }
     static constexpr size_t ep32_bytes(int nmat) { return 4ull * WK * nmat * T * EP_STRIDE; }
@@ -280,6 +287,94 @@ __device__ __forceinline__ void mma_f16(uint32_t c[2], const uint32_t a[4], uint
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* ---- warpgroup MMA (sm_90a) -------------------------------------------------------------------
+ * wgmma.mma_async m64nNk16, fp16 inputs, fp32 accumulators: the warpgroup's 4 warps each give the
+ * 16 rows of A they hold in registers, exactly as an mma.m16n8k16 A fragment (warp w % 4: rows
+ * 16 (w % 4) ..), and B (16 x N) is read from shared memory through a descriptor: 8 x 8 core
+ * matrices of 16 contiguous bytes per row (a row = one B column = one slot's 8 k values), without
+ * swizzle, LBO bytes apart along K and SBO bytes apart along N.  D per warp: n8 block j in d[4j ..
+ * 4j + 3], in the m16n8 accumulator order.  benchmarks/probe_wgmma.cu checked these conventions on
+ * the H200 (exact; swapped offsets fault).  Only sm_90a code has the instruction: elsewhere (sm_80,
+ * the compute_90 PTX) the WG shape is compiled to a trap, and the host takes it only where its probe
+ * kernel found sm_90a code running (cuda_backend.cu). */
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr bool HAVE_WGMMA = false;
+#else
+constexpr bool HAVE_WGMMA = true;            /* the host pass, and sm_90a */
+#endif
+
+__device__ __forceinline__ uint64_t wgmma_desc(unsigned smem_byte, unsigned lbo, unsigned sbo)
+{
+    return ((smem_byte & 0x3FFFFu) >> 4) | static_cast<uint64_t>(lbo >> 4) << 16 | static_cast<uint64_t>(sbo >> 4) << 32;
+}
+
+#define MM_WG_R16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+#define MM_WG_R32 MM_WG_R16 ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+#define MM_WG_R64 MM_WG_R32 ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51," \
+                            "%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+#define MM_WG_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                    "+f"(d[i + 6]), "+f"(d[i + 7])
+#define MM_WG_D64 MM_WG_D8(0), MM_WG_D8(8), MM_WG_D8(16), MM_WG_D8(24), MM_WG_D8(32), MM_WG_D8(40), MM_WG_D8(48), \
+                  MM_WG_D8(56)
+/* One m64nNk16 (N = 32, 64, 128: d[0 .. N / 2) are its accumulators; all 64 are operands, so that the
+ * compiler keeps them in place whatever N), d += A B. */
+#define MM_WG_MMA(N, REGS)                                                                                           \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 {" \
+                 REGS "}, {%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"                                                  \
+                 : MM_WG_D64                                                                                         \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+template <int N>
+__device__ __forceinline__ void wgmma_f32(float d[64], const uint32_t a[4], uint64_t desc)
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (N == 32) MM_WG_MMA(32, MM_WG_R16);
+    else if constexpr (N == 64) MM_WG_MMA(64, MM_WG_R32);
+    else MM_WG_MMA(128, MM_WG_R64);
+#else
+    (void)d, (void)a, (void)desc;
+    __trap();
+#endif
+}
+#undef MM_WG_MMA
+#undef MM_WG_D64
+#undef MM_WG_D8
+#undef MM_WG_R64
+#undef MM_WG_R32
+#undef MM_WG_R16
+
+/* Register writes before a wgmma reads them (wgmma.fence); the wgmmas issued since the last commit as
+ * one group; waiting until at most N groups are in flight.  The accumulators and A registers must not
+ * be touched between the MMA and the wait. */
+__device__ __forceinline__ void wgmma_fence()
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit()
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait()
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+/* cp.async (generic proxy) writes to shared memory made visible to wgmma's reads (async proxy) */
+__device__ __forceinline__ void fence_proxy_async()
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+/* v is read here: keeps a register (an in-flight wgmma's operand) from being reused before this point */
+__device__ __forceinline__ void keep_register(uint32_t v) { asm volatile("" ::"r"(v)); }
+__device__ __forceinline__ void keep_register(float &v) { asm volatile("" : "+f"(v)::"memory"); }
+
 __device__ __forceinline__ unsigned smem_address(const void *p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 /* s: a shared-space byte address */
 __device__ __forceinline__ void cp_async16(unsigned s, const void *gmem)
@@ -335,10 +430,11 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
                                           int count, char *smem, int *bad)
 {
     constexpr int T = C::T, TP = C::TP, KC = C::KC, WK = C::WK, U = C::U, S = C::WSTAGES;
-    constexpr int XS = KC + 8;                                   /* halves per staged row */
-    constexpr int NFRAG = C::ORIENT == ORIENT_SWAP ? TP / 8 : TP / 16;
-    constexpr int NACC = C::ORIENT == ORIENT_SWAP ? NFRAG * 4 : NFRAG * 8;   /* floats per mat */
-    constexpr int FRAG_ROWS = C::ORIENT == ORIENT_SWAP ? 8 : 16;               /* slots per fragment */
+    constexpr int XS = C::XS;                                    /* halves per staged row */
+    constexpr bool WG = C::ORIENT == ORIENT_WG;
+    constexpr int NFRAG = C::SWAPPED ? TP / 8 : TP / 16;         /* WG: n8 blocks of the wgmma's N */
+    constexpr int NACC = C::SWAPPED ? NFRAG * 4 : NFRAG * 8;     /* floats per mat */
+    constexpr int FRAG_ROWS = C::SWAPPED ? 8 : 16;               /* slots per fragment */
     constexpr int STEP_TILES = C::STEP_TILES, SPC = C::STEPS_PER_CHUNK;
     constexpr int TW = C::TILE_WORDS, MAT_WORDS = STEP_TILES * NWARP_N * TW;
     uint16_t *xs = reinterpret_cast<uint16_t *>(smem);          /* [2][NMAT][T][XS] */
@@ -403,11 +499,22 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         const unsigned dst = smem_address(xs + (chunk & 1) * NMAT * T * XS);
 #pragma unroll
         for (int m = 0; m < NMAT; ++m) {
-            for (int i = tid; i < count * VPR; i += C::THREADS) {
-                const int r = i / VPR, v = i % VPR;
-                if (v < nvec)
-                    cp_async16(dst + 2u * ((m * T + r) * XS + 8 * v),
-                               xbase + m * mat_stride + static_cast<int64_t>(slot_s[r]) * kdim + k0 + 8 * v);
+            if constexpr (WG) {
+                /* wgmma's B layout: piece (r, v) at byte ((v T / 8 + r / 8) 8 + r % 8) 16, core matrix
+                 * (r / 8, v) 128 contiguous bytes; a warp's 32 copies fill 4 core matrices whole */
+                for (int i = tid; i < (count + 7) / 8 * 8 * VPR; i += C::THREADS) {
+                    const int r = (i & 7) + 8 * (i / (8 * VPR)), v = (i >> 3) & (VPR - 1);
+                    if (r < count && v < nvec)
+                        cp_async16(dst + 2u * m * T * XS + 16u * ((v * (T / 8) + (r >> 3)) * 8 + (r & 7)),
+                                   xbase + m * mat_stride + static_cast<int64_t>(slot_s[r]) * kdim + k0 + 8 * v);
+                }
+            } else {
+                for (int i = tid; i < count * VPR; i += C::THREADS) {
+                    const int r = i / VPR, v = i % VPR;
+                    if (v < nvec)
+                        cp_async16(dst + 2u * ((m * T + r) * XS + 8 * v),
+                                   xbase + m * mat_stride + static_cast<int64_t>(slot_s[r]) * kdim + k0 + 8 * v);
+                }
             }
         }
     };
@@ -470,40 +577,80 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
         cp_async_commit();
     };
 
+    /* the lane's eight weights of k-tile u of this step, projection m */
+    auto decode_tile = [&](const uint32_t *wbuf, int u, int m, uint32_t P[4]) {
+        const uint32_t *tw = wbuf + lane_word[m] + u * WK * NWARP_N * TW;
+        if (m == 0) decode_lane<KX2A, FAST>(tw[0], tw[1], tw[2], lw[m].b, kx2s[m], cbk[m], P);
+        else decode_lane<KX2B, FAST>(tw[0], tw[1], tw[2], lw[m].b, kx2s[m], cbk[m], P);
+    };
+
     /* NF::value fragments (of NFRAG) hold the tile's slots: the rest are not computed (see below) */
     auto compute_step = [&](auto nf, const uint32_t *wbuf, int step, const uint16_t *xchunk, int k0chunk) {
         constexpr int NF = decltype(nf)::value;
+        if constexpr (WG) {
+            /* per k-tile: decode every projection's A, then one m64n(8 NF)k16 per projection, as one
+             * group (the next k-tile's decode overlaps it); all done before the step ends, when the
+             * barrier frees the staged inputs for the next copies */
+            static_assert(F32, "wgmma accumulates in fp32");
+            uint32_t a[U][NMAT][4];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int kt = (s0 + step) * STEP_TILES + u * WK + kg;
-            const int kl = kt * 16 - k0chunk;                    /* column inside the chunk */
+            for (int u = 0; u < U; ++u) {
+                const int kl = ((s0 + step) * STEP_TILES + u) * 16 - k0chunk;
 #pragma unroll
-            for (int m = 0; m < NMAT; ++m) {
-                const uint32_t *tw = wbuf + lane_word[m] + u * WK * NWARP_N * TW;
-                uint32_t P[4];
-                if (m == 0) decode_lane<KX2A, FAST>(tw[0], tw[1], tw[2], lw[m].b, kx2s[m], cbk[m], P);
-                else decode_lane<KX2B, FAST>(tw[0], tw[1], tw[2], lw[m].b, kx2s[m], cbk[m], P);
-                const uint16_t *xm = xchunk + m * T * XS + kl;
-                if (C::ORIENT == ORIENT_SWAP) {
-                    const uint32_t a[4] = {P[0], P[2], P[1], P[3]};      /* {s0s1}, {s4s5}, {s2s3}, {s6s7} */
+                for (int m = 0; m < NMAT; ++m) {
+                    uint32_t P[4];
+                    decode_tile(wbuf, u, m, P);
+                    a[u][m][0] = P[0], a[u][m][1] = P[2], a[u][m][2] = P[1], a[u][m][3] = P[3];
+                }
+                wgmma_fence();
 #pragma unroll
-                    for (int f = 0; f < NF; ++f) {
-                        const uint16_t *xr = xm + lane_row + 8 * f * XS;
-                        const uint32_t b0 = lds32(xr), b1 = lds32(xr + 8);
-                        if constexpr (F32) mma_f32(&accf[m][4 * f], a, b0, b1);
-                        else mma_f16(&acch[m][2 * f], a, b0, b1);
-                    }
-                } else {
+                for (int m = 0; m < NMAT; ++m)
+                    wgmma_f32<8 * NF>(accf[m], a[u][m],
+                                      wgmma_desc(smem_address(xchunk + m * T * XS) + 2u * kl * T, 16u * T, 128u));
+                wgmma_commit();
+            }
+            wgmma_wait<0>();
 #pragma unroll
-                    for (int f = 0; f < NF; ++f) {
-                        const uint16_t *xa = xm + lane_row + 16 * f * XS, *xb = xa + 8 * XS;
-                        const uint32_t a[4] = {lds32(xa), lds32(xb), lds32(xa + 8), lds32(xb + 8)};
-                        if constexpr (F32) {
-                            mma_f32(&accf[m][8 * f], a, P[0], P[1]);         /* columns 0..7 */
-                            mma_f32(&accf[m][8 * f + 4], a, P[2], P[3]);     /* columns 8..15 */
-                        } else {
-                            mma_f16(&acch[m][4 * f], a, P[0], P[1]);
-                            mma_f16(&acch[m][4 * f + 2], a, P[2], P[3]);
+            for (int u = 0; u < U; ++u)
+#pragma unroll
+                for (int m = 0; m < NMAT; ++m)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) keep_register(a[u][m][i]);
+#pragma unroll
+            for (int m = 0; m < NMAT; ++m)
+#pragma unroll
+                for (int i = 0; i < NACC; ++i) keep_register(accf[m][i]);
+        } else {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int kt = (s0 + step) * STEP_TILES + u * WK + kg;
+                const int kl = kt * 16 - k0chunk;                    /* column inside the chunk */
+#pragma unroll
+                for (int m = 0; m < NMAT; ++m) {
+                    uint32_t P[4];
+                    decode_tile(wbuf, u, m, P);
+                    const uint16_t *xm = xchunk + m * T * XS + kl;
+                    if (C::SWAPPED) {
+                        const uint32_t a[4] = {P[0], P[2], P[1], P[3]};      /* {s0s1}, {s4s5}, {s2s3}, {s6s7} */
+#pragma unroll
+                        for (int f = 0; f < NF; ++f) {
+                            const uint16_t *xr = xm + lane_row + 8 * f * XS;
+                            const uint32_t b0 = lds32(xr), b1 = lds32(xr + 8);
+                            if constexpr (F32) mma_f32(&accf[m][4 * f], a, b0, b1);
+                            else mma_f16(&acch[m][2 * f], a, b0, b1);
+                        }
+                    } else {
+#pragma unroll
+                        for (int f = 0; f < NF; ++f) {
+                            const uint16_t *xa = xm + lane_row + 16 * f * XS, *xb = xa + 8 * XS;
+                            const uint32_t a[4] = {lds32(xa), lds32(xb), lds32(xa + 8), lds32(xb + 8)};
+                            if constexpr (F32) {
+                                mma_f32(&accf[m][8 * f], a, P[0], P[1]);         /* columns 0..7 */
+                                mma_f32(&accf[m][8 * f + 4], a, P[2], P[3]);     /* columns 8..15 */
+                            } else {
+                                mma_f16(&acch[m][4 * f], a, P[0], P[1]);
+                                mma_f16(&acch[m][4 * f + 2], a, P[2], P[3]);
+                            }
                         }
                     }
                 }
@@ -522,6 +669,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
     for (int step = 0; step < nsteps; ++step) {
         if (LATE_CHUNK0 && step == 0) cp_async_wait<0>();        /* the prologue's groups (chunk 0 is last) */
         else cp_async_wait<S - 2>();                             /* group `step` has landed (this thread's) */
+        if constexpr (WG) fence_proxy_async();                   /* ... for wgmma's reads too */
         __syncthreads();                                         /* ... everyone's; step-1's buffers are free */
         issue(step + S - 1);
         const int chunk = step / SPC;
@@ -551,7 +699,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
 #pragma unroll
         for (int i = 0; i < NACC; ++i) {
             int tok, col;
-            if (C::ORIENT == ORIENT_SWAP) {            /* C[m = col][n = token] */
+            if (C::SWAPPED) {                          /* C[m = col][n = token] */
                 const int f = i / 4, r = i % 4;
                 tok = 8 * f + 2 * c4 + (r & 1);
                 col = g + 8 * (r >> 1);
@@ -636,7 +784,11 @@ __device__ __forceinline__ void run_main_loop(bool fast, const mm_cuda_proj *con
                                               const uint16_t *xbase, int64_t mat_stride, int kdim, int ncols, int col0,
                                               const int *slot_s, int count, char *smem, int *bad)
 {
-    if (fast)
+    if constexpr (C::ORIENT == ORIENT_WG && !HAVE_WGMMA) {
+        (void)fast, (void)proj, (void)expert, (void)xbase, (void)mat_stride, (void)kdim, (void)ncols, (void)col0,
+            (void)slot_s, (void)count, (void)smem, (void)bad;
+        __trap();                                                /* never launched: no wgmma here */
+    } else if (fast)
         main_loop<C, NMAT, F32, KX2A, KX2B, true>(proj, expert, xbase, mat_stride, kdim, ncols, col0, slot_s, count,
                                                   smem, bad);
     else
@@ -1067,6 +1219,9 @@ __global__ void __launch_bounds__(256) mm_route_kernel(const RouteArgs r)
         for (int j = 0; j < r.top_k; ++j) r.p[t * r.top_k + j] = static_cast<float>(sel[j] / norm);
     }
 }
+
+/* 1 where the code running is sm_90a's (it has wgmma), 0 elsewhere (sm_80 code, JIT-compiled PTX) */
+__global__ void mm_wgmma_probe(int *out) { *out = HAVE_WGMMA ? 1 : 0; }
 
 /* ---- decode one projection (tests and tools) ------------------------------------------------------ */
 __global__ void mm_decode(const uint32_t *tiles, int k_tiles, int n_tiles, int kx2, int cb, uint16_t *out)

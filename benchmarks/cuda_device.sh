@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
 #   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
-# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, splits, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -75,6 +75,11 @@ for step in "$@"; do
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for wd in 0 1; do
                 METAL_MOE_CUDA_WIDE=$wd python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 32,128,512,4096 \
                   --variants moe_trellis_swiglu_fp32acc --no-baseline --json "$OUT/wide${wd}_$p.json" 2>&1 | tee -a "$OUT/wide.txt"
+              done; done ;;
+    wgmma)    # the wide shape forced (METAL_MOE_CUDA_WIDE=1) on mma.sync and on wgmma (METAL_MOE_CUDA_WGMMA=0/1): A/B in this run
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for wg in 0 1; do
+                METAL_MOE_CUDA_WIDE=1 METAL_MOE_CUDA_WGMMA=$wg python3 -m metal_moe bench --backend cuda --preset "$p" --quiet \
+                  --batch 128,512,4096 --variants moe_trellis_swiglu_fp32acc --no-baseline --json "$OUT/wgmma${wg}_$p.json" 2>&1 | tee -a "$OUT/wgmma.txt"
               done; done ;;
     splits)   # K split a fixed number of ways (METAL_MOE_CUDA_SPLIT); never split (k = 1) also at the large
               # batches, where the rule splits the wide shape's few items (NOTES-cuda.md, "the split rule")

@@ -480,6 +480,26 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
     static_assert(T == TP || NFRAG == 1, "only single-fragment tiles are narrower than a fragment");
     const int lane_row = (T < TP ? min(g, T - 1) : g) * XS + 2 * c4;
 
+    /* WG: the inputs in wgmma's B layout, piece (r, v) (slot r, halves 8v .. 8v + 7 of the chunk) at byte
+     * ((v T / 8 + r / 8) 8 + r % 8) 16: core matrix (r / 8, v) is 128 contiguous bytes.  Thread tid
+     * copies piece v = (tid / 8) % VPR of rows r0 + 8 WG_ROW_GROUPS j, r0 = tid % 8 + 8 (tid / (8 VPR)):
+     * a warp's 32 copies fill 4 core matrices whole (no bank conflicts), and which pieces a thread
+     * copies is the same in every chunk, so their offsets are planned once here (the slot lookups
+     * and address arithmetic of a copy loop would cost ~20 instructions per copy). */
+    constexpr int VPR = KC / 8;
+    constexpr int WG_ROW_GROUPS = WG ? C::THREADS / (8 * VPR) : 1;      /* row groups of 8 per pass */
+    constexpr int WG_COPIES = WG ? T / (8 * WG_ROW_GROUPS) : 1;         /* copies per thread and mat */
+    static_assert(!WG || (C::THREADS % (8 * VPR) == 0 && T % (8 * WG_ROW_GROUPS) == 0), "whole passes");
+    constexpr unsigned NO_COPY = 0xFFFFFFFFu;
+    const int wg_piece = (tid >> 3) & (VPR - 1), wg_row0 = (tid & 7) + 8 * (tid / (8 * VPR));
+    const unsigned wg_dst = 16u * ((wg_piece * (T / 8) + (wg_row0 >> 3)) * 8 + (wg_row0 & 7));
+    unsigned wg_src[WG_COPIES];                  /* halves from the chunk's first column; NO_COPY: none */
+#pragma unroll
+    for (int j = 0; j < WG_COPIES; ++j) {
+        const int r = wg_row0 + 8 * WG_ROW_GROUPS * j;
+        wg_src[j] = WG && r < count ? static_cast<unsigned>(slot_s[r]) * kdim + 8 * wg_piece : NO_COPY;
+    }
+
     float accf[NMAT][F32 ? NACC : 1];
     uint32_t acch[NMAT][F32 ? 1 : NACC / 2];
 #pragma unroll
@@ -493,21 +513,17 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
     /* chunk `chunk` of the tile's input rows (rows past count are never read): VPR = KC / 8 16-byte
      * pieces per full row, a power of two, so no run-time division; a short last chunk copies nvec */
     auto stage_inputs = [&](int chunk) {
-        constexpr int VPR = KC / 8;
         static_assert((VPR & (VPR - 1)) == 0, "KC / 8 is a power of two");
         const int k0 = kbeg + chunk * KC, nvec = min(KC, kend - k0) / 8;
         const unsigned dst = smem_address(xs + (chunk & 1) * NMAT * T * XS);
 #pragma unroll
         for (int m = 0; m < NMAT; ++m) {
             if constexpr (WG) {
-                /* wgmma's B layout: piece (r, v) at byte ((v T / 8 + r / 8) 8 + r % 8) 16, core matrix
-                 * (r / 8, v) 128 contiguous bytes; a warp's 32 copies fill 4 core matrices whole */
-                for (int i = tid; i < (count + 7) / 8 * 8 * VPR; i += C::THREADS) {
-                    const int r = (i & 7) + 8 * (i / (8 * VPR)), v = (i >> 3) & (VPR - 1);
-                    if (r < count && v < nvec)
-                        cp_async16(dst + 2u * m * T * XS + 16u * ((v * (T / 8) + (r >> 3)) * 8 + (r & 7)),
-                                   xbase + m * mat_stride + static_cast<int64_t>(slot_s[r]) * kdim + k0 + 8 * v);
-                }
+                const uint16_t *src = xbase + m * mat_stride + k0;
+#pragma unroll
+                for (int j = 0; j < WG_COPIES; ++j)
+                    if (wg_src[j] != NO_COPY && wg_piece < nvec)
+                        cp_async16(dst + 2u * m * T * XS + wg_dst + 128u * WG_ROW_GROUPS * j, src + wg_src[j]);
             } else {
                 for (int i = tid; i < count * VPR; i += C::THREADS) {
                     const int r = i / VPR, v = i % VPR;
@@ -526,7 +542,6 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
      * from the step's first tile, staged byte offset), unsigned so that an address is one wide
      * multiply-add; NO_COPY: none. */
     constexpr int CP = C::COPIES;
-    constexpr unsigned NO_COPY = 0xFFFFFFFFu;
     uint2 plan[NMAT][CP + 1];
 #pragma unroll
     for (int m = 0; m < NMAT; ++m) {

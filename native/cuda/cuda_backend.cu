@@ -436,11 +436,11 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
                       mm::PREP_THREADS, 0, stream, false, a)) != cudaSuccess)
         return cuda_fail(err, "launch of mm_prep");
     if (c->launches >= 2 &&
-        (err = launch(L.gate_up, dim3(static_cast<unsigned>(max_tiles), I / mm::COLS, split_gu), L.threads,
+        (err = launch(L.gate_up, dim3(static_cast<unsigned>(items_gu), 1, split_gu), L.threads,
                       L.smem_gate_up, stream, pdl, a)) != cudaSuccess)
         return cuda_fail(err, "launch of mm_gate_up");
     if (c->launches >= 3 &&
-        (err = launch(L.down, dim3(static_cast<unsigned>(max_tiles), H / mm::COLS, split_dn), L.threads, L.smem_down,
+        (err = launch(L.down, dim3(static_cast<unsigned>(items_dn), 1, split_dn), L.threads, L.smem_down,
                       stream, pdl, a)) != cudaSuccess)
         return cuda_fail(err, "launch of mm_down");
     if (!capturing) {

@@ -278,8 +278,8 @@ def test_both_shapes_of_the_fp32_general_variant(tmp_path):
 
 
 def test_wide_shape_on_wgmma_and_on_mma_sync(tmp_path):
-    """On compute capability 9.0 the wide shape runs on wgmma (sm_90a code, found by the context's probe
-    kernel); METAL_MOE_CUDA_WGMMA=0 runs it on mma.sync.  Both match the reference with the wide shape
+    """On compute capability 9.0, METAL_MOE_CUDA_WGMMA=1 runs the wide shape on wgmma (sm_90a code, found
+    by the context's probe kernel); =0 (and the default) on mma.sync.  Both match the reference with the wide shape
     forced at batch 3 and 17 (one n32 wgmma per projection and k-tile: most of the tile empty; K split
     across CTAs) and 300 (tiles of 75 routed slots and the shared expert's 128, 128, 44: n128 and n64),
     and the trace on stderr shows which ran: the two may give bitwise equal sums, so the outputs cannot

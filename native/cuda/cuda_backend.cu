@@ -49,7 +49,8 @@ constexpr int cuda_kc(int id, int tokens)
  * twin would need 198 KB (its fp16 rows after the fp32 ones).  Variants without one run their own
  * shape at every batch.  KC = 64 and 2 k-tiles per step keep the staged inputs at 72 KB.
  * On sm_90a (H100/H200: compute capability 9.0 running this library's sm_90a code) the wide shape
- * is the same tile on wgmma instead of mma.sync (mm::ORIENT_WG; METAL_MOE_CUDA_WGMMA=0 turns it off). */
+ * can run the same tile on wgmma instead of mma.sync (mm::ORIENT_WG), with METAL_MOE_CUDA_WGMMA=1:
+ * correct, but measured no faster (NOTES-cuda.md, version 10), so not the default. */
 constexpr bool cuda_has_wide(int id) { return id == MM_VARIANT_GENERAL_FP32ACC; }
 constexpr int WIDE_TOKENS = 128;
 enum { SHAPE_OWN = 0, SHAPE_WIDE = 1, SHAPE_WIDE_WGMMA = 2, SHAPES = 3 };
@@ -436,11 +437,11 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
                       mm::PREP_THREADS, 0, stream, false, a)) != cudaSuccess)
         return cuda_fail(err, "launch of mm_prep");
     if (c->launches >= 2 &&
-        (err = launch(L.gate_up, dim3(static_cast<unsigned>(items_gu), 1, split_gu), L.threads,
+        (err = launch(L.gate_up, dim3(static_cast<unsigned>(max_tiles), I / mm::COLS, split_gu), L.threads,
                       L.smem_gate_up, stream, pdl, a)) != cudaSuccess)
         return cuda_fail(err, "launch of mm_gate_up");
     if (c->launches >= 3 &&
-        (err = launch(L.down, dim3(static_cast<unsigned>(items_dn), 1, split_dn), L.threads, L.smem_down,
+        (err = launch(L.down, dim3(static_cast<unsigned>(max_tiles), H / mm::COLS, split_dn), L.threads, L.smem_down,
                       stream, pdl, a)) != cudaSuccess)
         return cuda_fail(err, "launch of mm_down");
     if (!capturing) {
@@ -596,7 +597,7 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
      * one) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..4 splits K that many ways
      * wherever a call may split (fp32 accumulation) instead of choosing by occupancy;
      * METAL_MOE_CUDA_TRACE=1 prints each forward's shape, tile bound, capacity and splits to stderr;
-     * METAL_MOE_CUDA_WGMMA=0 runs the wide shape on mma.sync where it would run on wgmma. */
+     * METAL_MOE_CUDA_WGMMA=1 runs the wide shape on wgmma where the sm_90a code runs (else mma.sync). */
     c->pdl = c->props.major >= 9 && env_digit("METAL_MOE_CUDA_PDL", 0, 0, 1) != 0;
     c->launches = env_digit("METAL_MOE_CUDA_LAUNCHES", 1, 2, 3);
     c->wide = env_digit("METAL_MOE_CUDA_WIDE", 0, 1, -1);
@@ -623,7 +624,8 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }
-    c->wgmma = wgmma_code == 1 && env_digit("METAL_MOE_CUDA_WGMMA", 0, 0, 1) != 0;
+    /* off unless asked for: measured 1-5% slower than mma.sync at batch 4096 (NOTES-cuda.md, version 10) */
+    c->wgmma = wgmma_code == 1 && env_digit("METAL_MOE_CUDA_WGMMA", 0, 1, 0) == 1;
     char split_text[32] = "";
     if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
     snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s%s)", c->props.major, c->props.minor,

@@ -39,7 +39,7 @@
  *       columns)) twice per tile: tokens pad to 16.  The format's native orientation.
  * A variant may have a second, "wide" shape (cuda_backend.cu: 128 slots, std orientation) that the
  * host takes when its experts average more slots than one tile of its own shape holds; on sm_90a
- * the wide shape is the swap orientation on wgmma instead (ORIENT_WG: the warpgroup's A = the
+ * the wide shape can be the swap orientation on wgmma instead (METAL_MOE_CUDA_WGMMA=1) (ORIENT_WG: the warpgroup's A = the
  * decoded W^T tiles from registers, B = x^T of 32, 64 or 128 slots read from shared memory by the
  * tensor cores, so no instruction loads an input fragment).  MMA
  * fragments wholly past a tile's slots are skipped (main_loop: quarter / half / all, per step).
@@ -748,7 +748,7 @@ __device__ __forceinline__ bool reduce_splits(const mm_cuda_args &a, int count, 
     if (splits == 1) return true;
     __shared__ int last;
     float *ep = reinterpret_cast<float *>(smem);
-    const int64_t item = blockIdx.x;                             /* (tile, column block): cta_item */
+    const int64_t item = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
     constexpr int ROW = NMAT * C::T * COLS;                      /* floats of one split's partial */
     float *mine = a.partial + (item * splits + blockIdx.z) * ROW;
     for (int i = threadIdx.x; i < NMAT * count * COLS; i += C::THREADS) {
@@ -852,40 +852,22 @@ __device__ __forceinline__ float ep_value(const char *smem, const int *bad, int 
     return v;
 }
 
-/* A GEMM CTA's work item, blockIdx.x = tile x column blocks + column block: the column blocks of a
- * tile are neighbours, so the CTAs that read one tile's inputs run in the same wave and all but the
- * first find them in L2.  (With the tile in blockIdx.x and the column block in blockIdx.y, a wave
- * held 132 tiles of one column block: at batch 4096 their inputs outgrow L2 and were read from DRAM
- * once per column block; NOTES-cuda.md, version 10.) */
-struct Item {
-    int tile, block, col0;
-};
-__device__ __forceinline__ Item cta_item(int column_blocks)
-{
-    Item it;
-    it.tile = static_cast<int>(blockIdx.x / column_blocks);
-    it.block = static_cast<int>(blockIdx.x % column_blocks);
-    it.col0 = it.block * COLS;
-    return it;
-}
-
-/* Tile `tile` for this CTA; false if the CTA has no work (the grid is sized for the worst case).
- * Direct tiles (T = 1): slot `tile`, known from ids alone, so before waiting for mm_prep; otherwise
- * entry `tile` of mm_prep's tile list, after. */
+/* The tile of this CTA; false if the CTA has no work (the grid is sized for the worst case).  Direct
+ * tiles (T = 1): slot blockIdx.x, known from ids alone, so before waiting for mm_prep; otherwise
+ * entry blockIdx.x of mm_prep's tile list, after. */
 template <class C>
-__device__ __forceinline__ bool load_tile(const mm_cuda_args &a, int tile, int *slot_s, int *bad, int &expert,
-                                          int &count)
+__device__ __forceinline__ bool load_tile(const mm_cuda_args &a, int *slot_s, int *bad, int &expert, int &count)
 {
     if constexpr (C::T == 1) {
-        const int64_t s = tile;
+        const int64_t s = blockIdx.x;
         expert = s < a.slots ? slot_expert(a, s) : -1;
         if (expert < 0) return false;                     /* an invalid id: mm_prep counted it */
         count = 1;
         if (threadIdx.x == 0) slot_s[0] = static_cast<int>(s), bad[0] = 0;
     } else {
         wait_prior_grid();
-        if (tile >= *a.ntiles) return false;
-        const mm_cuda_tile t = a.tiles[tile];
+        if (static_cast<int>(blockIdx.x) >= *a.ntiles) return false;
+        const mm_cuda_tile t = a.tiles[blockIdx.x];
         expert = t.expert;
         count = t.count;
         if (threadIdx.x < C::T) {
@@ -904,13 +886,11 @@ __global__ void __launch_bounds__(C::THREADS) mm_gate_up(const mm_cuda_args a)
     extern __shared__ __align__(16) char smem[];
     __shared__ int slot_s[C::T], bad[C::T];
     allow_next_grid();                                   /* mm_down may start: it waits for this grid */
-    const int H = a.hidden, I = a.intermediate;
-    const Item it = cta_item(I / COLS);
-    const int col0 = it.col0;
     int expert, count;
-    if (!load_tile<C>(a, it.tile, slot_s, bad, expert, count)) return;
+    if (!load_tile<C>(a, slot_s, bad, expert, count)) return;
     const int shared = expert == a.experts;
     const mm_cuda_proj *proj[2] = {&a.proj[shared][0], &a.proj[shared][1]};
+    const int H = a.hidden, I = a.intermediate, col0 = blockIdx.y * COLS;
     const int64_t ex = shared ? 0 : expert;
     expert = static_cast<int>(ex);                       /* the shared expert's arrays hold one expert */
     const bool ct = (C::KG == 0 || proj[0]->kx2 == C::KG) && (C::KU == 0 || proj[1]->kx2 == C::KU);
@@ -993,13 +973,11 @@ __global__ void __launch_bounds__(C::THREADS) mm_down(const mm_cuda_args a)
 {
     extern __shared__ __align__(16) char smem[];
     __shared__ int slot_s[C::T], bad[C::T];
-    const int H = a.hidden, I = a.intermediate;
-    const Item it = cta_item(H / COLS);
-    const int col0 = it.col0;
     int expert, count;
-    if (!load_tile<C>(a, it.tile, slot_s, bad, expert, count)) return;
+    if (!load_tile<C>(a, slot_s, bad, expert, count)) return;
     const int shared = expert == a.experts;
     const mm_cuda_proj *proj[1] = {&a.proj[shared][2]};
+    const int H = a.hidden, I = a.intermediate, col0 = blockIdx.y * COLS;
     if (shared) expert = 0;                              /* the shared expert's arrays hold one expert */
     bool epilogue;
     if constexpr (C::KD != 0) {
@@ -1031,7 +1009,7 @@ __global__ void __launch_bounds__(C::THREADS) mm_down(const mm_cuda_args a)
     if (threadIdx.x < count) {
         const int64_t tok = slot_token(a, slot_s[threadIdx.x]);
         const unsigned n = static_cast<unsigned>(token_arrivals(a, tok));
-        unsigned *ticket = reinterpret_cast<unsigned *>(a.out_tickets + tok * (H / COLS) + col0 / COLS);
+        unsigned *ticket = reinterpret_cast<unsigned *>(a.out_tickets + tok * gridDim.y + blockIdx.y);
         last_s[threadIdx.x] = atomicInc(ticket, n - 1) == n - 1;
     }
     __syncthreads();

@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
 #   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
-# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, splitsx, abfast, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -87,6 +87,17 @@ for step in "$@"; do
                 batches=1,2,16,64; [ $k = 1 ] && batches=1,2,16,64,128,512,4096
                 METAL_MOE_CUDA_SPLIT=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch $batches \
                   --no-baseline --json "$OUT/split${k}_$p.json" 2>&1 | tee -a "$OUT/splits.txt"
+              done; done ;;
+    abfast)   # the policy's choices without the bf16 baseline, small and middle batches: one side of an A/B
+              # between two builds of one call (the other: OUT=$OUT/base MM_PATCHES=... cuda_device.sh abfast)
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
+                python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,4,8,16,64,512 \
+                  --no-baseline --json "$OUT/abfast_$p.json" 2>&1 | tee -a "$OUT/abfast.txt"
+              done ;;
+    splitsx)  # the small batches with K split more ways than the rule considers (5-8; 4 and the policy's choice to compare)
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for k in 0 4 5 6 7 8; do
+                METAL_MOE_CUDA_SPLIT=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,4 \
+                  --no-baseline --json "$OUT/splitx${k}_$p.json" 2>&1 | tee -a "$OUT/splitsx.txt"
               done; done ;;
     trace)    # each policy choice's launch plan (METAL_MOE_CUDA_TRACE): shape, tile bound, CTAs per wave, K splits
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do

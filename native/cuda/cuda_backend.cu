@@ -79,7 +79,8 @@ constexpr Launcher wide_launcher()
     else return make_launcher<Own>();
 }
 
-constexpr int MAX_SPLIT = 4;                /* K splits per output block */
+constexpr int MAX_SPLIT = 4;                /* K splits per output block that choose_splits considers */
+constexpr int MAX_FORCED_SPLIT = 8;         /* ... and that METAL_MOE_CUDA_SPLIT may force (to measure) */
 constexpr int MAX_SPLIT_ITEMS = 4096;       /* (tile, column block) items that may be split */
 constexpr double SPLIT_GAIN = 0.2;          /* the least share of the unsplit waves a split must save */
 
@@ -122,7 +123,7 @@ struct CudaContext {
     bool wgmma = false;                     /* sm_90a code runs: the wide shape on wgmma */
     int launches = 3;                       /* < 3: a timing diagnostic (METAL_MOE_CUDA_LAUNCHES) */
     int wide = -1;                          /* METAL_MOE_CUDA_WIDE: -1 by the slots per expert, 0 never, 1 always */
-    int split = 0;                          /* METAL_MOE_CUDA_SPLIT: 0 chosen per call, 1..MAX_SPLIT forced */
+    int split = 0;                          /* METAL_MOE_CUDA_SPLIT: 0 chosen per call, 1..MAX_FORCED_SPLIT forced */
     bool trace = false;                     /* METAL_MOE_CUDA_TRACE=1: each forward's launch plan on stderr */
 };
 
@@ -594,14 +595,14 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
      * dependent launches off (A/B in one run); METAL_MOE_CUDA_LAUNCHES=1..2 issues only the first
      * launches of each forward (the output is then NOT written), to time each launch's share of a
      * graph replay; METAL_MOE_CUDA_WIDE=0 / 1 never / always takes a variant's wide shape (where it has
-     * one) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..4 splits K that many ways
+     * one) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..8 splits K that many ways
      * wherever a call may split (fp32 accumulation) instead of choosing by occupancy;
      * METAL_MOE_CUDA_TRACE=1 prints each forward's shape, tile bound, capacity and splits to stderr;
      * METAL_MOE_CUDA_WGMMA=1 runs the wide shape on wgmma where the sm_90a code runs (else mma.sync). */
     c->pdl = c->props.major >= 9 && env_digit("METAL_MOE_CUDA_PDL", 0, 0, 1) != 0;
     c->launches = env_digit("METAL_MOE_CUDA_LAUNCHES", 1, 2, 3);
     c->wide = env_digit("METAL_MOE_CUDA_WIDE", 0, 1, -1);
-    c->split = env_digit("METAL_MOE_CUDA_SPLIT", 1, MAX_SPLIT, 0);
+    c->split = env_digit("METAL_MOE_CUDA_SPLIT", 1, MAX_FORCED_SPLIT, 0);
     c->trace = env_digit("METAL_MOE_CUDA_TRACE", 1, 1, 0) == 1;
     if ((err = cudaMalloc(&c->counters, 2 * sizeof(unsigned long long))) != cudaSuccess ||
         (err = cudaMemset(c->counters, 0, 2 * sizeof(unsigned long long))) != cudaSuccess ||
@@ -610,11 +611,14 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }
-    /* wgmma: compute capability 9.0 exactly (sm_90a code runs on no other), and the probe kernel says
-     * the code the driver loaded is that (not the compute_90 PTX, e.g. under CUDA_FORCE_PTX_JIT=1);
-     * it writes into the split tickets, zeroed next */
+    /* wgmma (off unless asked for: measured 1-5% slower than mma.sync at batch 4096, NOTES-cuda.md,
+     * version 10): compute capability 9.0 exactly (sm_90a code runs on no other), and the probe kernel
+     * says the code the driver loaded is that (not the compute_90 PTX, e.g. under
+     * CUDA_FORCE_PTX_JIT=1); it writes into the split tickets, zeroed next */
+    const bool sm90 = c->props.major == 9 && c->props.minor == 0;
+    const bool want_wgmma = sm90 && env_digit("METAL_MOE_CUDA_WGMMA", 0, 1, 0) == 1;
     int wgmma_code = 0;
-    if (c->props.major == 9 && c->props.minor == 0) {
+    if (want_wgmma) {
         mm::mm_wgmma_probe<<<1, 1>>>(c->tickets);
         if ((err = cudaGetLastError()) == cudaSuccess)
             err = cudaMemcpy(&wgmma_code, c->tickets, sizeof wgmma_code, cudaMemcpyDeviceToHost);
@@ -624,13 +628,13 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }
-    /* off unless asked for: measured 1-5% slower than mma.sync at batch 4096 (NOTES-cuda.md, version 10) */
-    c->wgmma = wgmma_code == 1 && env_digit("METAL_MOE_CUDA_WGMMA", 0, 1, 0) == 1;
+    c->wgmma = wgmma_code == 1;
     char split_text[32] = "";
     if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
     snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s%s)", c->props.major, c->props.minor,
              c->props.name, c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
-             c->wgmma ? ", wgmma wide tiles" : wgmma_code ? ", wgmma off" : "",
+             c->wgmma ? ", wgmma wide tiles" : want_wgmma ? ", wgmma unavailable (no sm_90a code loaded)"
+                                              : sm90 ? ", wgmma off" : "",
              c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "", split_text,
              c->launches < 3 ? ", TIMING ONLY: first launches of each forward, no output" : "");
     /* every kernel must get its shared memory, dynamic + static (up to 152 KB: sm_80 and sm_90 give 163

@@ -195,7 +195,6 @@ __device__ __forceinline__ int lane_offset(int kx2, int j) { return (kx2 * j + (
 struct Codebook {
     int cb;
     uint32_t mul, add;
-    uint32_t hi16;          /* 1 << 16, as a value the compiler cannot see (see state_of) */
 };
 
 __device__ __forceinline__ Codebook codebook(int cb)
@@ -204,16 +203,8 @@ __device__ __forceinline__ Codebook codebook(int cb)
     c.cb = cb;
     c.mul = cb == MM_CB_MCG ? MM_MCG_MUL : cb == MM_CB_MUL1 ? MM_MUL1_MUL : MM_3INST_MUL;
     c.add = cb == MM_CB_3INST ? MM_3INST_ADD : 0u;
-    c.hi16 = 0x10000u << (static_cast<uint32_t>(cb) >> 8);     /* cb is 0..2: always 1 << 16 */
     return c;
 }
-
-/* A state from the 32 bits whose top 16 are its window: t >> 16, computed as the high word of
- * t * 2^16 so that it issues to the FMA pipe (IMAD.HI) instead of the integer ALU pipe.  The decode
- * is otherwise all ALU work (funnel shifts, LOP3, PRMT: ~34 of a tile's ~46 instructions), and the
- * ALU pipe runs at half the issue rate; with the multiplier a visible constant the compiler would
- * emit the shift again. */
-__device__ __forceinline__ uint32_t state_of(uint32_t t, const Codebook &c) { return __umulhi(t, c.hi16); }
 
 /* (x & MM_HALF_MASK) ^ MM_HALF_XOR as one LOP3 (the compiler splits the C expression in two). */
 __device__ __forceinline__ uint32_t half_pattern(uint32_t x)
@@ -243,10 +234,8 @@ __device__ __forceinline__ void decode_pairs(const uint32_t s[8], const Codebook
         for (int i = 0; i < 4; ++i) {
             const uint32_t xa = half_pattern(s[2 * i] * c.mul + c.add);
             const uint32_t xb = half_pattern(s[2 * i + 1] * c.mul + c.add);
-            const __half2 ha = *reinterpret_cast<const __half2 *>(&xa), hb = *reinterpret_cast<const __half2 *>(&xb);
-            const __half2 va = __hadd2(__low2half2(ha), __high2half2(ha));
-            const __half2 vb = __hadd2(__low2half2(hb), __high2half2(hb));
-            const __half2 v = __lows2half2(va, vb);
+            const uint32_t lo = __byte_perm(xa, xb, 0x5410), hi = __byte_perm(xa, xb, 0x7632);
+            const __half2 v = __hadd2(*reinterpret_cast<const __half2 *>(&lo), *reinterpret_cast<const __half2 *>(&hi));
             out[i] = *reinterpret_cast<const uint32_t *>(&v);
         }
     }
@@ -269,14 +258,14 @@ __device__ __forceinline__ void decode_lane(uint32_t w0, uint32_t w1, uint32_t w
         /* every window lies in the 64 bits A0:A1: one 64-bit funnel shift and one shift per state */
         const uint64_t V = (static_cast<uint64_t>(A0) << 32) | A1;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) s[j] = state_of(static_cast<uint32_t>((V << lane_offset(k, j)) >> 32), c);
+        for (int j = 0; j < 8; ++j) s[j] = static_cast<uint32_t>((V << lane_offset(k, j)) >> 48);
     } else {
         const uint32_t A2 = w2 << b;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int d = lane_offset(k, j);
             const uint32_t hi = d < 32 ? A0 : A1, lo = d < 32 ? A1 : A2;
-            s[j] = state_of(__funnelshift_l(lo, hi, d), c);
+            s[j] = __funnelshift_l(lo, hi, d) >> 16;
         }
     }
     decode_pairs<FAST>(s, c, out);
@@ -583,16 +572,11 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
     }
     const unsigned ws_address = smem_address(ws);
 
-    /* the next step's weights into stage buffer `buf`: steps are staged in order, so each projection's
-     * source advances by one step's words (no 64-bit multiply per step) */
-    const char *wnext[NMAT];
-#pragma unroll
-    for (int m = 0; m < NMAT; ++m) wnext[m] = reinterpret_cast<const char *>(wsrc[m]);
-    auto stage_weights = [&](int buf) {
+    /* step t's weights into stage buffer `buf` */
+    auto stage_weights = [&](int t, int buf) {
 #pragma unroll
         for (int m = 0; m < NMAT; ++m) {
-            const char *src = wnext[m];
-            wnext[m] += 4u * STEP_TILES * kstride[m];
+            const char *src = reinterpret_cast<const char *>(wsrc[m] + static_cast<int64_t>(t) * STEP_TILES * kstride[m]);
             const unsigned dst = ws_address + 4u * ((buf * NMAT + m) * MAT_WORDS);
 #pragma unroll
             for (int r = 0; r <= CP; ++r) {
@@ -609,7 +593,7 @@ __device__ __forceinline__ void main_loop(const mm_cuda_proj *const proj[NMAT], 
     constexpr bool LATE_CHUNK0 = T == 1;
     auto issue = [&](int t) {                                  /* group t: step t's weights (+ inputs) */
         if (t < nsteps) {
-            stage_weights(t % S);
+            stage_weights(t, t % S);
             if (t % SPC == 0 && (t > 0 || !LATE_CHUNK0) && t / SPC < nchunks) stage_inputs(t / SPC);
         }
         cp_async_commit();

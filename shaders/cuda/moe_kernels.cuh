@@ -888,6 +888,9 @@ __device__ __forceinline__ bool load_tile(const mm_cuda_args &a, int *slot_s, in
 }
 
 /* ---- launch 2: gate + up + SwiGLU ------------------------------------------------------------- */
+/* Both kernels give ptxas only the block size: an explicit minimum of CTAs per SM, even 1, changes
+ * its register choices (measured: 3 for the one-slot kernels gained nothing at batch 1, and 1 for
+ * the others cost the 512-thread down kernels half their occupancy; NOTES-cuda.md, version 12). */
 template <class C>
 __global__ void __launch_bounds__(C::THREADS) mm_gate_up(const mm_cuda_args a)
 {

@@ -540,6 +540,40 @@ def test_router_on_the_device_matches_the_reference(scoring, with_bias, renormal
           policy.select(9, False, 4, 2, 3).name)
 
 
+@needs_torch
+@pytest.mark.parametrize("batch", [1, 17])
+def test_routing_in_the_call_is_graph_capturable(batch):
+    """fused_moe with router_logits= captured in one CUDA graph (router kernel + the three launches;
+    ids and p come from the graph's own pool): replays with new logits and inputs in the captured
+    buffers route again on the device and match the reference routing and forward."""
+    w = device_weights("3inst", (6, 2, 3), True)
+    experts = w.experts
+    rng = np.random.default_rng(batch)
+    x = torch.zeros((batch, HIDDEN), dtype=torch.float16, device="cuda")
+    logits = torch.zeros((batch, experts), dtype=torch.float32, device="cuda")
+    out = torch.full((batch, HIDDEN), float("nan"), device="cuda")
+    call = dict(weights=w, router_logits=logits, top_k=2, scoring="sigmoid", renormalize=True, out=out)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mm.fused_moe(x, **call)                            # sizes the workspace (warm-up)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mm.fused_moe(x, **call)
+    for _ in range(3):
+        xs = rng.standard_normal((batch, HIDDEN)).astype(np.float16)
+        ls = (3 * rng.standard_normal((batch, experts))).astype(np.float32)
+        x.copy_(torch.from_numpy(xs))
+        logits.copy_(torch.from_numpy(ls))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ids, p = reference.route(ls, 2, "sigmoid", True)
+        check(out.cpu().numpy(), reference.moe_forward(xs, ids, p, weights("3inst", (6, 2, 3), True)),
+              policy.select(batch, False, 6, 2, 3).name)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_split_k_matches_the_reference_and_is_deterministic(batch):
     """Small batches of wide layers split K across CTAs (the fp32 variants): each split spans

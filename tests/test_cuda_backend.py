@@ -281,6 +281,30 @@ def test_both_shapes_of_the_fp32_general_variant(tmp_path):
                          [(3, variant), (17, variant), (300, variant)])
 
 
+def test_small_shapes_of_99_kb_devices(tmp_path):
+    """METAL_MOE_CUDA_SMALL=1 runs every call in the shapes that GPUs with 99 KB of shared memory per
+    block (sm_86, sm_89) get: one k-group, two weight stages, at most 32 slots per tile, K chunks of
+    128.  Every variant at batch sizes with partial tiles, one full tile, several tiles per expert
+    (batch 300: where the fp32 general variant would take its wide shape) and K split across CTAs
+    (METAL_MOE_CUDA_SPLIT=2 on the fp32 variants) matches the reference; Context.simd and the trace say
+    the small shapes ran."""
+    fp32 = policy.FP32ACC
+    cases = [(1, policy.DECODE), (1, policy.DECODE + "_6_2_3"), (3, policy.PREFILL4), (5, policy.PREFILL4 + fp32),
+             (3, policy.PREFILL4 + fp32), (17, policy.GENERAL), (33, policy.GENERAL + fp32),
+             (300, policy.GENERAL + fp32), (64, policy.LARGE_BATCH), (300, policy.LARGE_BATCH),
+             (33, policy.SIMD), (3, policy.SIMD)]
+    for split in ("", "2"):
+        (tmp_path / f"split{split}").mkdir()
+        env = {"METAL_MOE_CUDA_SMALL": "1", "METAL_MOE_CUDA_TRACE": "1", "METAL_MOE_CUDA_SPLIT": split}
+        simd, got, trace = _run_with_env(tmp_path / f"split{split}", env, cases, with_stderr=True)
+        assert "small shapes" in simd and "wgmma" not in simd, simd
+        plans = [line for line in trace.splitlines() if line.startswith("metal_moe cuda:")]
+        assert len(plans) == len(cases) and all(", small shape (" in line for line in plans), trace
+        if split:
+            assert all("K split 2" in line for line, (_, v) in zip(plans, cases) if v.endswith(fp32)), trace
+        _check_cases(got, cases)
+
+
 def test_wide_shape_on_wgmma_and_on_mma_sync(tmp_path):
     """On compute capability 9.0, METAL_MOE_CUDA_WGMMA=1 runs the wide shape on wgmma (sm_90a code, found
     by the context's probe kernel); =0 (and the default) on mma.sync.  Both match the reference with the wide shape

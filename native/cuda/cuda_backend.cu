@@ -17,6 +17,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -53,8 +54,18 @@ constexpr int cuda_kc(int id, int tokens)
  * correct, but measured no faster (NOTES-cuda.md, version 10), so not the default. */
 constexpr bool cuda_has_wide(int id) { return id == MM_VARIANT_GENERAL_FP32ACC; }
 constexpr int WIDE_TOKENS = 128;
-enum { SHAPE_OWN = 0, SHAPE_WIDE = 1, SHAPE_WIDE_WGMMA = 2, SHAPES = 3 };
-const char *const shape_names[SHAPES] = {"own", "wide", "wide (wgmma)"};
+/* The small shape, for GPUs that give a block 99 KB of shared memory (sm_86, sm_89; the other shapes
+ * need up to 152 KB): one k-group, two weight stages in flight instead of three, at most 32 slots per
+ * tile and K chunks of at most 128 from 16 slots on (large_batch 32 slots instead of 64), so that
+ * every variant fits in 87 KB.  The one-slot decode variants fit as they are (56 KB) and keep their
+ * own shape.  Such a device runs every call on it (no wide shape); METAL_MOE_CUDA_SMALL=1 forces it
+ * on any GPU (how the tests check it on an sm_90 machine). */
+constexpr int small_tokens(int id, int tokens) { return std::min(cuda_tokens(id, tokens), 32); }
+constexpr int small_kc(int id, int tokens) { return small_tokens(id, tokens) >= 16 ? 128 : cuda_kc(id, tokens); }
+constexpr int SMALL_STAGES = 2;
+
+enum { SHAPE_OWN = 0, SHAPE_WIDE = 1, SHAPE_WIDE_WGMMA = 2, SHAPE_SMALL = 3, SHAPES = 4 };
+const char *const shape_names[SHAPES] = {"own", "wide", "wide (wgmma)", "small"};
 
 struct Launcher {
     void (*gate_up)(const mm_cuda_args);
@@ -88,14 +99,18 @@ constexpr double SPLIT_GAIN = 0.2;          /* the least share of the unsplit wa
     using Cfg_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
                                 cuda_wk(MM_VARIANT_##ID, tokens), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>;             \
     using Wide_##ID = mm::Config<mm::ORIENT_STD, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;               \
-    using WideWG_##ID = mm::Config<mm::ORIENT_WG, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;
+    using WideWG_##ID = mm::Config<mm::ORIENT_WG, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;                \
+    using Small_##ID = std::conditional_t<                                                                      \
+        (tokens) == 1, Cfg_##ID,                                                                                \
+        mm::Config<cuda_orient(MM_VARIANT_##ID), small_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, 1,           \
+                   small_kc(MM_VARIANT_##ID, tokens), g, u, d, 4, SMALL_STAGES>>;
 #include "variants.def"
 #undef MM_VARIANT
 
 const Launcher launchers[MM_VARIANT_COUNT][SHAPES] = {
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                     \
     {make_launcher<Cfg_##ID>(), wide_launcher<MM_VARIANT_##ID, Cfg_##ID, Wide_##ID>(), \
-     wide_launcher<MM_VARIANT_##ID, Cfg_##ID, WideWG_##ID>()},
+     wide_launcher<MM_VARIANT_##ID, Cfg_##ID, WideWG_##ID>(), make_launcher<Small_##ID>()},
 #include "variants.def"
 #undef MM_VARIANT
 };
@@ -125,6 +140,7 @@ struct CudaContext {
     int wide = -1;                          /* METAL_MOE_CUDA_WIDE: -1 by the slots per expert, 0 never, 1 always */
     int split = 0;                          /* METAL_MOE_CUDA_SPLIT: 0 chosen per call, 1..MAX_FORCED_SPLIT forced */
     bool trace = false;                     /* METAL_MOE_CUDA_TRACE=1: each forward's launch plan on stderr */
+    bool small = false;                     /* every call in SHAPE_SMALL (99 KB devices, METAL_MOE_CUDA_SMALL=1) */
 };
 
 mm_status cuda_fail(cudaError_t err, const char *what)
@@ -329,7 +345,7 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const int own_tokens = launchers[call->variant_id][SHAPE_OWN].tokens;
     const bool wide = cuda_has_wide(call->variant_id) &&
                       (c->wide >= 0 ? c->wide == 1 : routed_slots >= static_cast<int64_t>(own_tokens) * w->experts);
-    const int shape = !wide ? SHAPE_OWN : c->wgmma ? SHAPE_WIDE_WGMMA : SHAPE_WIDE;
+    const int shape = c->small ? SHAPE_SMALL : !wide ? SHAPE_OWN : c->wgmma ? SHAPE_WIDE_WGMMA : SHAPE_WIDE;
     const Launcher &L = launchers[call->variant_id][shape];
     if (2 * slots * (H > I ? H : I) >= (1ll << 31))
         return mm_fail(MM_ERR_UNSUPPORTED, "x: %lld tokens x %d slots is too many for one cuda call (the workspace "
@@ -598,7 +614,8 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
      * one) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..8 splits K that many ways
      * wherever a call may split (fp32 accumulation) instead of choosing by occupancy;
      * METAL_MOE_CUDA_TRACE=1 prints each forward's shape, tile bound, capacity and splits to stderr;
-     * METAL_MOE_CUDA_WGMMA=1 runs the wide shape on wgmma where the sm_90a code runs (else mma.sync). */
+     * METAL_MOE_CUDA_WGMMA=1 runs the wide shape on wgmma where the sm_90a code runs (else mma.sync);
+     * METAL_MOE_CUDA_SMALL=1 runs every call in the small shapes of 99 KB devices (read further down). */
     c->pdl = c->props.major >= 9 && env_digit("METAL_MOE_CUDA_PDL", 0, 0, 1) != 0;
     c->launches = env_digit("METAL_MOE_CUDA_LAUNCHES", 1, 2, 3);
     c->wide = env_digit("METAL_MOE_CUDA_WIDE", 0, 1, -1);
@@ -628,18 +645,10 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         cuda_destroy(ctx);
         return cuda_fail(err, "creating the context");
     }
-    c->wgmma = wgmma_code == 1;
-    char split_text[32] = "";
-    if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
-    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s%s)", c->props.major, c->props.minor,
-             c->props.name, c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
-             c->wgmma ? ", wgmma wide tiles" : want_wgmma ? ", wgmma unavailable (no sm_90a code loaded)"
-                                              : sm90 ? ", wgmma off" : "",
-             c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "", split_text,
-             c->launches < 3 ? ", TIMING ONLY: first launches of each forward, no output" : "");
-    /* every kernel must get its shared memory, dynamic + static (up to 152 KB: sm_80 and sm_90 give 163
-     * and 227 KB per block; sm_86/89 give 99 KB, which these shapes do not fit yet) */
-    size_t smem_need = 0;
+    /* every kernel of the shapes this device runs must get its shared memory, dynamic + static: the own
+     * and wide shapes need up to 152 KB (sm_80 and sm_90 give 163 and 227 KB per block), the small
+     * ones at most 87 KB (sm_86/89 give 99 KB) */
+    size_t smem_need[SHAPES] = {};
     for (int v = 0; v < SHAPES * MM_VARIANT_COUNT; ++v) {
         const Launcher &L = launchers[v / SHAPES][v % SHAPES];
         cudaFuncAttributes gu{}, dn{};
@@ -648,17 +657,22 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
             cuda_destroy(ctx);
             return cuda_fail(err, "reading the kernels' attributes");
         }
-        smem_need = std::max({smem_need, L.smem_gate_up + gu.sharedSizeBytes, L.smem_down + dn.sharedSizeBytes});
+        size_t &need = smem_need[v % SHAPES];
+        need = std::max({need, L.smem_gate_up + gu.sharedSizeBytes, L.smem_down + dn.sharedSizeBytes});
     }
-    if (smem_need > c->props.sharedMemPerBlockOptin) {
-        const size_t have = c->props.sharedMemPerBlockOptin;
+    const size_t have = c->props.sharedMemPerBlockOptin;
+    const size_t need_big = std::max({smem_need[SHAPE_OWN], smem_need[SHAPE_WIDE], smem_need[SHAPE_WIDE_WGMMA]});
+    c->small = need_big > have || env_digit("METAL_MOE_CUDA_SMALL", 1, 1, 0) == 1;
+    if (c->small && smem_need[SHAPE_SMALL] > have) {
         const int major = c->props.major, minor = c->props.minor;
         cuda_destroy(ctx);
         return mm_fail(MM_ERR_UNSUPPORTED, "device: compute capability %d.%d allows %zu bytes of shared memory per "
-                       "block; the cuda kernels need %zu (sm_80 and sm_90 GPUs have enough)", major, minor, have,
-                       smem_need);
+                       "block; the cuda kernels need %zu (their small shapes; the others %zu)", major, minor, have,
+                       smem_need[SHAPE_SMALL], need_big);
     }
+    c->wgmma = wgmma_code == 1 && !c->small;
     for (int v = 0; v < SHAPES * MM_VARIANT_COUNT; ++v) {
+        if ((v % SHAPES == SHAPE_SMALL) != c->small) continue;      /* a shape this context never runs */
         const Launcher &L = launchers[v / SHAPES][v % SHAPES];
         if ((err = cudaFuncSetAttribute(L.gate_up, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(L.smem_gate_up))) != cudaSuccess ||
@@ -678,5 +692,15 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
             c->blocks_per_sm[v / SHAPES][v % SHAPES][k] = n > 0 ? n : 1;
         }
     }
+    char split_text[32] = "", small_text[80] = "";
+    if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
+    if (c->small)
+        snprintf(small_text, sizeof small_text, ", small shapes (%zu KB of shared memory per block)", have / 1024);
+    snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s%s%s)", c->props.major, c->props.minor,
+             c->props.name, c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
+             c->wgmma ? ", wgmma wide tiles" : c->small ? "" : want_wgmma ? ", wgmma unavailable (no sm_90a code loaded)"
+                                              : sm90 ? ", wgmma off" : "",
+             small_text, c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "", split_text,
+             c->launches < 3 ? ", TIMING ONLY: first launches of each forward, no output" : "");
     return MM_OK;
 }

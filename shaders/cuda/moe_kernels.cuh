@@ -72,7 +72,7 @@ constexpr int EP_STRIDE = COLS + 4;  /* floats per epilogue row */
 constexpr int DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2, DT_I32 = 3;   /* mm_dtype values */
 
 /* The compile-time shape of a variant on CUDA. */
-template <int ORIENT_, int T_, bool F32_, int WK_, int KC_, int KG_, int KU_, int KD_, int U_ = 4>
+template <int ORIENT_, int T_, bool F32_, int WK_, int KC_, int KG_, int KU_, int KD_, int U_ = 4, int S_ = 3>
 struct Config {
     static constexpr int ORIENT = ORIENT_;
     static constexpr int T = T_;             /* slots per tile (tokens sharing one decode) */
@@ -88,7 +88,7 @@ struct Config {
     static_assert(ORIENT != ORIENT_WG || (T == 128 && WK == 1 && F32), "wgmma: 128 slots, one k-group, fp32 sums");
     static_assert(KC % (16 * WK * U) == 0 && COLS % (16 * WK * U) == 0, "chunks hold whole warp steps");
     static constexpr int STEP_TILES = WK * U;   /* k-tiles per CTA step */
-    static constexpr int WSTAGES = 3;           /* weight steps in flight in shared memory */
+    static constexpr int WSTAGES = S_;          /* weight steps in flight in shared memory (2 or 3) */
     static constexpr int STEPS_PER_CHUNK = KC / 16 / STEP_TILES;
     static_assert(STEPS_PER_CHUNK >= WSTAGES - 1, "an input chunk's buffer must be free when its copy is issued");
     /* shared memory: the staged inputs (double-buffered chunks) and WSTAGES steps of weight tiles,

@@ -469,20 +469,26 @@ def test_device_weights_from_torch_arrays_without_copy():
         mm.DeviceWeights.from_arrays((triples[0][0], triples[0][1].float(), triples[0][2]), *triples[1:])
 
 
+def _warm_up_and_capture(call):
+    """`call()` once on a side stream (it sizes the workspace), then captured in a torch CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph
+
+
 @needs_torch
 @pytest.mark.parametrize("batch", [1, 33])
 def test_cuda_graph_capture_and_replay(batch):
     w = device_weights("3inst", (6, 2, 3), True)
     x, ids, p = _torch_inputs(batch)
     out = torch.full((batch, HIDDEN), float("nan"), device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        mm.fused_moe(x, ids, p, w, out=out)                 # sizes the workspace (warm-up)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        mm.fused_moe(x, ids, p, w, out=out)
+    graph = _warm_up_and_capture(lambda: mm.fused_moe(x, ids, p, w, out=out))
     for seed in range(3):                                  # new inputs in the captured buffers
         xs, idss, ps = inputs(batch, seed=seed + 1)
         x.copy_(torch.from_numpy(xs))
@@ -576,15 +582,8 @@ def test_routing_in_the_call_is_graph_capturable(batch):
     x = torch.zeros((batch, HIDDEN), dtype=torch.float16, device="cuda")
     logits = torch.zeros((batch, experts), dtype=torch.float32, device="cuda")
     out = torch.full((batch, HIDDEN), float("nan"), device="cuda")
-    call = dict(weights=w, router_logits=logits, top_k=2, scoring="sigmoid", renormalize=True, out=out)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        mm.fused_moe(x, **call)                            # sizes the workspace (warm-up)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        mm.fused_moe(x, **call)
+    graph = _warm_up_and_capture(lambda: mm.fused_moe(x, weights=w, router_logits=logits, top_k=2, scoring="sigmoid",
+                                                      renormalize=True, out=out))
     for _ in range(3):
         xs = rng.standard_normal((batch, HIDDEN)).astype(np.float16)
         ls = (3 * rng.standard_normal((batch, experts))).astype(np.float32)

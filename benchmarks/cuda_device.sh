@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
 #   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
-# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, splitsx, abfast, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, splitsx, smallab, wide32, abfast, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -43,11 +43,12 @@ for step in "$@"; do
               grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize.log" | tee -a "$OUT/summary.txt" ;;
     smoke)    python3 -m metal_moe bench --backend cuda --preset glm-4.7-flash --quiet --batch 1,16,512,4096 \
                 --variants policy --repeats 10 --json "$OUT/smoke.json" 2>&1 | tee -a "$OUT/summary.txt" ;;
-    profile)  # raw metrics of every section below, one CSV row per launch (2 calls per case: read the second)
+    profile)  # raw metrics of every section below, one CSV row per launch (2 calls per case: read the second);
+              # MM_PROFILE_CASES="ds1 ds512": a subset of cuda_profile.py's cases
               ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
                 --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis \
                 --section InstructionStats --section MemoryWorkloadAnalysis -k regex:mm_ --page raw --csv \
-                python3 "$REPO/benchmarks/cuda_profile.py" > "$OUT/profile.csv" 2> "$OUT/profile.err"
+                python3 "$REPO/benchmarks/cuda_profile.py" $MM_PROFILE_CASES > "$OUT/profile.csv" 2> "$OUT/profile.err"
               tail -3 "$OUT/profile.err"; wc -l "$OUT/profile.csv"
               lib=$(python3 -c "import metal_moe; print(metal_moe.get_library())")
               cuobjdump -sass "$lib" 2>&1 | gzip > "$OUT/sass.txt.gz"; ls -l "$OUT/sass.txt.gz" ;;
@@ -94,6 +95,21 @@ for step in "$@"; do
                 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,4,8,16,64,512 \
                   --no-baseline --json "$OUT/abfast_$p.json" 2>&1 | tee -a "$OUT/abfast.txt"
               done ;;
+    smallab)  # the variants the policy does not pick on these presets (fp16 twins, large_batch, simd) in their own
+              # shapes and in the small shape (METAL_MOE_CUDA_SMALL=1): A/B in this run (MM_AB_BATCH, MM_AB_VARIANTS: others)
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for sm in 0 1; do
+                METAL_MOE_CUDA_SMALL=$sm python3 -m metal_moe bench --backend cuda --preset "$p" --quiet \
+                  --batch "${MM_AB_BATCH:-2,16,64,512}" --no-baseline --json "$OUT/small${sm}_$p.json" \
+                  --variants "${MM_AB_VARIANTS:-moe_trellis_swiglu_prefill4,moe_trellis_swiglu,moe_trellis_swiglu_large_batch,moe_trellis_swiglu_simd}" \
+                  2>&1 | tee -a "$OUT/smallab.txt"
+              done; done ;;
+    wide32)   # the fp32 general variant's two wide shapes forced (METAL_MOE_CUDA_WIDE=1: 128 slots, 2: 32 slots): A/B in
+              # this run (MM_AB_WIDE="0 2" MM_AB_BATCH=...: its own shape against the 32-slot one at other batches)
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for wd in ${MM_AB_WIDE:-1 2}; do
+                METAL_MOE_CUDA_WIDE=$wd python3 -m metal_moe bench --backend cuda --preset "$p" --quiet \
+                  --batch "${MM_AB_BATCH:-128,256,512,1024,2048,4096}" --variants moe_trellis_swiglu_fp32acc --no-baseline \
+                  --json "$OUT/wide32_${wd}_$p.json" 2>&1 | tee -a "$OUT/wide32.txt"
+              done; done ;;
     splitsx)  # the small batches with K split more ways than the rule considers (5-8; 4 and the policy's choice to compare)
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for k in 0 4 5 6 7 8; do
                 METAL_MOE_CUDA_SPLIT=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,4 \

@@ -1,7 +1,8 @@
 """Calls for `ncu` (benchmarks/cuda_device.sh profile): per case, one warm-up call then one
 profiled call (the launches of the second call are the ones to read).
 
-Cases: batch 1 of each preset with the policy's variant, glm-4.7-flash at batch 64 (policy), at batch
+Cases: batch 1 of each preset with the policy's variant, glm-4.7-flash at batch 64 (policy), deepseek-v3
+at 16 and glm-4.7-flash / deepseek-v3 at 512 (policy: the wide shape at 512), glm-4.7-flash at batch
 4096 with `large_batch`, and glm-4.7-flash / qwen3-30b-a3b at 4096 with the policy's
 `moe_trellis_swiglu_fp32acc` (its wide shape).  `python3 cuda_profile.py CASE...` runs a subset (names below).
 """
@@ -18,6 +19,9 @@ CASES = {
     "qwen1": ("qwen3-30b-a3b", 1, None),
     "ds1": ("deepseek-v3", 1, None),
     "glm64": ("glm-4.7-flash", 64, None),
+    "ds16": ("deepseek-v3", 16, None),
+    "glm512": ("glm-4.7-flash", 512, None),
+    "ds512": ("deepseek-v3", 512, None),
     "glm4096": ("glm-4.7-flash", 4096, "moe_trellis_swiglu_large_batch"),
     "glm4096w": ("glm-4.7-flash", 4096, None),
     "qwen4096w": ("qwen3-30b-a3b", 4096, None),

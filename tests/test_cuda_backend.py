@@ -270,15 +270,25 @@ def _two_forced_settings(tmp_path, name, settings, cases):
         assert not np.array_equal(got[first][case], got[second][case]), f"{case}: {name} made no difference"
 
 
-def test_both_shapes_of_the_fp32_general_variant(tmp_path):
-    """METAL_MOE_CUDA_WIDE=0 / 1 force the fp32 general variant's own and its wide shape (128 slots per
-    tile) at batch sizes where the default picks the other: nearly empty wide tiles (batch 3, 17: most
-    fragments skipped) and many-tile narrow calls (batch 300) match the reference, the diagnostic is
-    named in Context.simd, and the two shapes really ran: their sums run in different orders (two
-    k-groups of warps against one), so their outputs are not bitwise equal."""
+def test_every_shape_of_the_fp32_general_variant(tmp_path):
+    """METAL_MOE_CUDA_WIDE=0 / 1 / 2 force the fp32 general variant's own shape, its 128-slot and its
+    32-slot wide shape (the std orientation) at batch sizes where the default picks another: nearly
+    empty wide tiles (batch 3, 17: most fragments skipped) and many-tile calls (batch 300) match the
+    reference, the diagnostic is named in Context.simd, and the trace on stderr shows which shape ran
+    (outputs cannot tell: two shapes may add the same products in the same order)."""
     variant = policy.GENERAL + policy.FP32ACC
-    _two_forced_settings(tmp_path, "METAL_MOE_CUDA_WIDE", {"0": "wide tiles off", "1": "wide tiles always"},
-                         [(3, variant), (17, variant), (300, variant)])
+    cases = [(3, variant), (17, variant), (300, variant)]
+    forced = {"0": ("wide tiles off", "own shape (16 slots per tile)"),
+              "1": ("wide tiles always", "wide shape (128 slots per tile)"),
+              "2": ("32-slot wide tiles always", "wide shape (32 slots per tile)")}
+    for value, (simd_text, shape) in forced.items():
+        (tmp_path / value).mkdir()
+        simd, got, trace = _run_with_env(tmp_path / value, {"METAL_MOE_CUDA_WIDE": value, "METAL_MOE_CUDA_TRACE": "1"},
+                                         cases, with_stderr=True)
+        assert simd_text in simd, simd
+        plans = [line for line in trace.splitlines() if line.startswith("metal_moe cuda:")]
+        assert len(plans) == len(cases) and all(f", {shape}" in line for line in plans), trace
+        _check_cases(got, cases)
 
 
 def test_small_shapes_of_99_kb_devices(tmp_path):
@@ -287,7 +297,8 @@ def test_small_shapes_of_99_kb_devices(tmp_path):
     128.  Every variant at batch sizes with partial tiles, one full tile, several tiles per expert
     (batch 300: where the fp32 general variant would take its wide shape) and K split across CTAs
     (METAL_MOE_CUDA_SPLIT=2 on the fp32 variants) matches the reference; Context.simd and the trace say
-    the small shapes ran."""
+    the small shapes ran, also with the wide shape asked for (METAL_MOE_CUDA_WIDE=1, which a small-shape
+    context ignores, so Context.simd does not claim it)."""
     fp32 = policy.FP32ACC
     cases = [(1, policy.DECODE), (1, policy.DECODE + "_6_2_3"), (3, policy.PREFILL4), (5, policy.PREFILL4 + fp32),
              (3, policy.PREFILL4 + fp32), (17, policy.GENERAL), (33, policy.GENERAL + fp32),
@@ -295,9 +306,10 @@ def test_small_shapes_of_99_kb_devices(tmp_path):
              (33, policy.SIMD), (3, policy.SIMD)]
     for split in ("", "2"):
         (tmp_path / f"split{split}").mkdir()
-        env = {"METAL_MOE_CUDA_SMALL": "1", "METAL_MOE_CUDA_TRACE": "1", "METAL_MOE_CUDA_SPLIT": split}
+        env = {"METAL_MOE_CUDA_SMALL": "1", "METAL_MOE_CUDA_TRACE": "1", "METAL_MOE_CUDA_SPLIT": split,
+               "METAL_MOE_CUDA_WIDE": "1" if split else ""}
         simd, got, trace = _run_with_env(tmp_path / f"split{split}", env, cases, with_stderr=True)
-        assert "small shapes" in simd and "wgmma" not in simd, simd
+        assert "small shapes" in simd and "wgmma" not in simd and "wide tiles" not in simd, simd
         plans = [line for line in trace.splitlines() if line.startswith("metal_moe cuda:")]
         assert len(plans) == len(cases) and all(", small shape (" in line for line in plans), trace
         if split:

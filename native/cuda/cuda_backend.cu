@@ -34,6 +34,17 @@ constexpr int cuda_orient(int id)
     return id == MM_VARIANT_LARGE_BATCH || id == MM_VARIANT_SIMD ? mm::ORIENT_STD : mm::ORIENT_SWAP;
 }
 constexpr int cuda_tokens(int id, int tokens) { return id == MM_VARIANT_LARGE_BATCH ? 64 : tokens; }
+/* The fp32 variants run the small shape below on every GPU: measured on the H200 faster than two
+ * k-groups and three weight stages, by 6-14% at batch 4-64 (prefill4_fp32acc, fp32acc: the policy's
+ * choices there when hidden >= 1024; batch 2 -11..+3%), and simd's one k-group with two stages of
+ * KC = 128 by 4-19% at batch 2-4096 (NOTES-cuda.md, versions 13 and 14).  The fp16 twins keep two
+ * k-groups (small: 19-26% slower at batch 2 on glm/qwen, as they cannot split K across CTAs),
+ * large_batch its 64 slots (small: 8-23% slower from batch 1024). */
+constexpr bool cuda_small_is_own(int id, int tokens)
+{
+    return tokens == 1 || id == MM_VARIANT_PREFILL4_FP32ACC || id == MM_VARIANT_GENERAL_FP32ACC ||
+           id == MM_VARIANT_SIMD;
+}
 /* warps splitting K inside a CTA: the decode variants (one slot) use one group of 8 warps, so that two
  * 256-thread CTAs share an SM and K splits across CTAs instead */
 constexpr int cuda_wk(int id, int tokens) { return cuda_orient(id) == mm::ORIENT_STD || tokens == 1 ? 1 : 2; }
@@ -43,9 +54,8 @@ constexpr int cuda_kc(int id, int tokens)
 }
 
 /* The wide shape: 128 slots per tile in the std orientation (each decoded weight tile feeding up to
- * 16 MMAs per projection), for a call whose experts have on average at least as many slots as one
- * tile of the variant's own shape holds, where that shape would decode every weight several times.
- * Only the fp32 general variant has one (the policy's choice from batch 33 on when hidden >= 1024):
+ * 16 MMAs per projection), for a call whose experts have on average many slots (WIDE128_FROM below),
+ * where the own shape would decode every weight several times.  Only the fp32 general variant has one (the policy's choice from batch 33 on when hidden >= 1024):
  * its shared memory (135 KB, the fp32 epilogue rows) fits an sm_80 block; an fp16-accumulating
  * twin would need 198 KB (its fp16 rows after the fp32 ones).  Variants without one run their own
  * shape at every batch.  KC = 64 and 2 k-tiles per step keep the staged inputs at 72 KB.
@@ -54,6 +64,14 @@ constexpr int cuda_kc(int id, int tokens)
  * correct, but measured no faster (NOTES-cuda.md, version 10), so not the default. */
 constexpr bool cuda_has_wide(int id) { return id == MM_VARIANT_GENERAL_FP32ACC; }
 constexpr int WIDE_TOKENS = 128;
+/* ... and its narrow twin: 32 slots per tile, the small shape's one k-group, two weight stages and
+ * KC = 128 (for the fp32 general variant the same kernels as simd's, so nothing more to compile).
+ * By slots per routed expert (measured, NOTES-cuda.md, version 14): below WIDE32_FROM the own shape
+ * (16 slots, 1-6% faster at 2-4), from WIDE32_FROM the 32-slot shape (at 8: 0-11% faster than own; at
+ * 16-32: 11-35% faster than 128 slots), from WIDE128_FROM the 128-slot one (at 64: 5-6% faster). */
+constexpr int WIDE32_TOKENS = 32;
+constexpr int WIDE32_FROM = 8;
+constexpr int WIDE128_FROM = 64;
 /* The small shape, for GPUs that give a block 99 KB of shared memory (sm_86, sm_89; the other shapes
  * need up to 152 KB): one k-group, two weight stages in flight instead of three, at most 32 slots per
  * tile and K chunks of at most 128 from 16 slots on (large_batch 32 slots instead of 64), so that
@@ -64,8 +82,8 @@ constexpr int small_tokens(int id, int tokens) { return std::min(cuda_tokens(id,
 constexpr int small_kc(int id, int tokens) { return small_tokens(id, tokens) >= 16 ? 128 : cuda_kc(id, tokens); }
 constexpr int SMALL_STAGES = 2;
 
-enum { SHAPE_OWN = 0, SHAPE_WIDE = 1, SHAPE_WIDE_WGMMA = 2, SHAPE_SMALL = 3, SHAPES = 4 };
-const char *const shape_names[SHAPES] = {"own", "wide", "wide (wgmma)", "small"};
+enum { SHAPE_OWN = 0, SHAPE_WIDE = 1, SHAPE_WIDE_WGMMA = 2, SHAPE_SMALL = 3, SHAPE_WIDE32 = 4, SHAPES = 5 };
+const char *const shape_names[SHAPES] = {"own", "wide", "wide (wgmma)", "small", "wide"};
 
 struct Launcher {
     void (*gate_up)(const mm_cuda_args);
@@ -82,7 +100,7 @@ constexpr Launcher make_launcher()
     return {mm::mm_gate_up<C>, mm::mm_down<C>, C::smem_bytes(2), C::smem_bytes(1), C::THREADS, C::T, C::WK * C::U, C::F32};
 }
 
-/* [variant][SHAPE_*]: its own shape; its wide shapes (its own again where it has none) */
+/* [variant][SHAPE_*]: its own shape; its wide shapes (its own again where it has none); its small shape */
 template <int ID, class Own, class Wide>
 constexpr Launcher wide_launcher()
 {
@@ -96,21 +114,24 @@ constexpr int MAX_SPLIT_ITEMS = 4096;       /* (tile, column block) items that m
 constexpr double SPLIT_GAIN = 0.2;          /* the least share of the unsplit waves a split must save */
 
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                            \
-    using Cfg_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
-                                cuda_wk(MM_VARIANT_##ID, tokens), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>;             \
+    using Small_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), small_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
+                                  1, small_kc(MM_VARIANT_##ID, tokens), g, u, d, 4, SMALL_STAGES>;                    \
+    using Cfg_##ID = std::conditional_t<                                                                        \
+        (cuda_small_is_own(MM_VARIANT_##ID, tokens) && (tokens) > 1), Small_##ID,                               \
+        mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0,              \
+                   cuda_wk(MM_VARIANT_##ID, tokens), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>>;                  \
     using Wide_##ID = mm::Config<mm::ORIENT_STD, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;               \
     using WideWG_##ID = mm::Config<mm::ORIENT_WG, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;                \
-    using Small_##ID = std::conditional_t<                                                                      \
-        (tokens) == 1, Cfg_##ID,                                                                                \
-        mm::Config<cuda_orient(MM_VARIANT_##ID), small_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, 1,           \
-                   small_kc(MM_VARIANT_##ID, tokens), g, u, d, 4, SMALL_STAGES>>;
+    using Wide32_##ID = mm::Config<mm::ORIENT_STD, WIDE32_TOKENS, (fp32) != 0, 1, 128, g, u, d, 4, SMALL_STAGES>; \
+    using SmallOrOwn_##ID = std::conditional_t<cuda_small_is_own(MM_VARIANT_##ID, tokens), Cfg_##ID, Small_##ID>;
 #include "variants.def"
 #undef MM_VARIANT
 
 const Launcher launchers[MM_VARIANT_COUNT][SHAPES] = {
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                     \
     {make_launcher<Cfg_##ID>(), wide_launcher<MM_VARIANT_##ID, Cfg_##ID, Wide_##ID>(), \
-     wide_launcher<MM_VARIANT_##ID, Cfg_##ID, WideWG_##ID>(), make_launcher<Small_##ID>()},
+     wide_launcher<MM_VARIANT_##ID, Cfg_##ID, WideWG_##ID>(), make_launcher<SmallOrOwn_##ID>(),   \
+     wide_launcher<MM_VARIANT_##ID, Cfg_##ID, Wide32_##ID>()},
 #include "variants.def"
 #undef MM_VARIANT
 };
@@ -137,7 +158,7 @@ struct CudaContext {
     bool pdl = false;                       /* programmatic dependent launches (sm_90+) */
     bool wgmma = false;                     /* sm_90a code runs: the wide shape on wgmma */
     int launches = 3;                       /* < 3: a timing diagnostic (METAL_MOE_CUDA_LAUNCHES) */
-    int wide = -1;                          /* METAL_MOE_CUDA_WIDE: -1 by the slots per expert, 0 never, 1 always */
+    int wide = -1;                          /* METAL_MOE_CUDA_WIDE: -1 by the slots per expert, 0 own, 1 128, 2 32 slots */
     int split = 0;                          /* METAL_MOE_CUDA_SPLIT: 0 chosen per call, 1..MAX_FORCED_SPLIT forced */
     bool trace = false;                     /* METAL_MOE_CUDA_TRACE=1: each forward's launch plan on stderr */
     bool small = false;                     /* every call in SHAPE_SMALL (99 KB devices, METAL_MOE_CUDA_SMALL=1) */
@@ -340,12 +361,13 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const int H = w->hidden, I = w->intermediate;
     const int64_t routed_slots = call->tokens * call->top_k;
     const int64_t slots = routed_slots + (w->has_shared ? call->tokens : 0);
-    /* the wide shape when the routed experts average at least one full tile of the own shape (measured:
-     * wide is faster at 16 or more slots per expert, slower at 8; NOTES-cuda.md, version 9) */
-    const int own_tokens = launchers[call->variant_id][SHAPE_OWN].tokens;
-    const bool wide = cuda_has_wide(call->variant_id) &&
-                      (c->wide >= 0 ? c->wide == 1 : routed_slots >= static_cast<int64_t>(own_tokens) * w->experts);
-    const int shape = c->small ? SHAPE_SMALL : !wide ? SHAPE_OWN : c->wgmma ? SHAPE_WIDE_WGMMA : SHAPE_WIDE;
+    /* 0: own shape, 1: 128-slot wide, 2: 32-slot wide, by slots per routed expert (WIDE32_FROM above) */
+    const int64_t experts = w->experts;
+    const int wide = !cuda_has_wide(call->variant_id) ? 0
+                     : c->wide >= 0 ? c->wide
+                     : routed_slots < WIDE32_FROM * experts ? 0 : routed_slots < WIDE128_FROM * experts ? 2 : 1;
+    const int shape = c->small ? SHAPE_SMALL : wide == 0 ? SHAPE_OWN : wide == 2 ? SHAPE_WIDE32
+                      : c->wgmma ? SHAPE_WIDE_WGMMA : SHAPE_WIDE;
     const Launcher &L = launchers[call->variant_id][shape];
     if (2 * slots * (H > I ? H : I) >= (1ll << 31))
         return mm_fail(MM_ERR_UNSUPPORTED, "x: %lld tokens x %d slots is too many for one cuda call (the workspace "
@@ -610,15 +632,15 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
     /* Diagnostics for measurements, read once per context: METAL_MOE_CUDA_PDL=0 turns the programmatic
      * dependent launches off (A/B in one run); METAL_MOE_CUDA_LAUNCHES=1..2 issues only the first
      * launches of each forward (the output is then NOT written), to time each launch's share of a
-     * graph replay; METAL_MOE_CUDA_WIDE=0 / 1 never / always takes a variant's wide shape (where it has
-     * one) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..8 splits K that many ways
+     * graph replay; METAL_MOE_CUDA_WIDE=0 / 1 / 2 takes a variant's own / 128-slot wide / 32-slot wide
+     * shape (where it has them) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..8 splits K that many ways
      * wherever a call may split (fp32 accumulation) instead of choosing by occupancy;
      * METAL_MOE_CUDA_TRACE=1 prints each forward's shape, tile bound, capacity and splits to stderr;
      * METAL_MOE_CUDA_WGMMA=1 runs the wide shape on wgmma where the sm_90a code runs (else mma.sync);
      * METAL_MOE_CUDA_SMALL=1 runs every call in the small shapes of 99 KB devices (read further down). */
     c->pdl = c->props.major >= 9 && env_digit("METAL_MOE_CUDA_PDL", 0, 0, 1) != 0;
     c->launches = env_digit("METAL_MOE_CUDA_LAUNCHES", 1, 2, 3);
-    c->wide = env_digit("METAL_MOE_CUDA_WIDE", 0, 1, -1);
+    c->wide = env_digit("METAL_MOE_CUDA_WIDE", 0, 2, -1);
     c->split = env_digit("METAL_MOE_CUDA_SPLIT", 1, MAX_FORCED_SPLIT, 0);
     c->trace = env_digit("METAL_MOE_CUDA_TRACE", 1, 1, 0) == 1;
     if ((err = cudaMalloc(&c->counters, 2 * sizeof(unsigned long long))) != cudaSuccess ||
@@ -661,7 +683,8 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
         need = std::max({need, L.smem_gate_up + gu.sharedSizeBytes, L.smem_down + dn.sharedSizeBytes});
     }
     const size_t have = c->props.sharedMemPerBlockOptin;
-    const size_t need_big = std::max({smem_need[SHAPE_OWN], smem_need[SHAPE_WIDE], smem_need[SHAPE_WIDE_WGMMA]});
+    const size_t need_big = std::max({smem_need[SHAPE_OWN], smem_need[SHAPE_WIDE], smem_need[SHAPE_WIDE_WGMMA],
+                                      smem_need[SHAPE_WIDE32]});
     c->small = need_big > have || env_digit("METAL_MOE_CUDA_SMALL", 1, 1, 0) == 1;
     if (c->small && smem_need[SHAPE_SMALL] > have) {
         const int major = c->props.major, minor = c->props.minor;
@@ -700,7 +723,9 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
              c->props.name, c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
              c->wgmma ? ", wgmma wide tiles" : c->small ? "" : want_wgmma ? ", wgmma unavailable (no sm_90a code loaded)"
                                               : sm90 ? ", wgmma off" : "",
-             small_text, c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always" : "", split_text,
+             small_text, c->small ? "" : c->wide == 0 ? ", wide tiles off" : c->wide == 1 ? ", wide tiles always"
+                                        : c->wide == 2 ? ", 32-slot wide tiles always" : "",
+             split_text,
              c->launches < 3 ? ", TIMING ONLY: first launches of each forward, no output" : "");
     return MM_OK;
 }

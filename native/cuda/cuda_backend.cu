@@ -55,10 +55,10 @@ constexpr int cuda_kc(int id, int tokens)
 
 /* The wide shape: 128 slots per tile in the std orientation (each decoded weight tile feeding up to
  * 16 MMAs per projection), for a call whose experts have on average many slots (WIDE128_FROM below),
- * where the own shape would decode every weight several times.  Only the fp32 general variant has one (the policy's choice from batch 33 on when hidden >= 1024):
- * its shared memory (135 KB, the fp32 epilogue rows) fits an sm_80 block; an fp16-accumulating
- * twin would need 198 KB (its fp16 rows after the fp32 ones).  Variants without one run their own
- * shape at every batch.  KC = 64 and 2 k-tiles per step keep the staged inputs at 72 KB.
+ * where the own shape would decode every weight several times.  Only the fp32 general variant has
+ * one (the policy's choice from batch 33 on when hidden >= 1024): its shared memory (135 KB, the
+ * fp32 epilogue rows) fits an sm_80 block; an fp16-accumulating twin would need 198 KB (its fp16 rows
+ * after the fp32 ones).  Variants without one run their own shape at every batch.  KC = 64 and 2 k-tiles per step keep the staged inputs at 72 KB.
  * On sm_90a (H100/H200: compute capability 9.0 running this library's sm_90a code) the wide shape
  * can run the same tile on wgmma instead of mma.sync (mm::ORIENT_WG), with METAL_MOE_CUDA_WGMMA=1:
  * correct, but measured no faster (NOTES-cuda.md, version 10), so not the default. */
@@ -633,8 +633,9 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
      * dependent launches off (A/B in one run); METAL_MOE_CUDA_LAUNCHES=1..2 issues only the first
      * launches of each forward (the output is then NOT written), to time each launch's share of a
      * graph replay; METAL_MOE_CUDA_WIDE=0 / 1 / 2 takes a variant's own / 128-slot wide / 32-slot wide
-     * shape (where it has them) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..8 splits K that many ways
-     * wherever a call may split (fp32 accumulation) instead of choosing by occupancy;
+     * shape (where it has them) instead of choosing by slots per expert; METAL_MOE_CUDA_SPLIT=1..8
+     * splits K that many ways wherever a call may split (fp32 accumulation) instead of choosing by
+     * occupancy;
      * METAL_MOE_CUDA_TRACE=1 prints each forward's shape, tile bound, capacity and splits to stderr;
      * METAL_MOE_CUDA_WGMMA=1 runs the wide shape on wgmma where the sm_90a code runs (else mma.sync);
      * METAL_MOE_CUDA_SMALL=1 runs every call in the small shapes of 99 KB devices (read further down). */

@@ -1,8 +1,8 @@
 /* The AVX2 + FMA + F16C CPU kernels: gemm_template.h over __m256.  Compiled with -mavx2 -mfma
  * -mf16c and called only after a run-time check of the processor (cpu_backend.c).
  *
- * Decoding one group of 8 weights: two 16-byte loads, one byte shuffle and one variable shift give
- * the 8 states; 3INST/MCG: one multiply(-add), and/xor, two fp16->fp32
+ * Decoding one group of 8 weights: one 16-byte load broadcast to both halves, one byte shuffle and
+ * one variable shift give the 8 states; 3INST/MCG: one multiply(-add), and/xor, two fp16->fp32
  * conversions and a pairwise add (whose lane shuffle produces the lane order, so states are taken
  * in natural order), then the single fp16 rounding; MUL1: multiply, byte sum, one FMA, rounding. */
 #include <immintrin.h>
@@ -39,16 +39,9 @@ static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const 
     const mm_group_table *tab = lane_order ? &tables->lanes[kx2] : &tables->natural[kx2];
     const int wraps = KX2 ? mm_group_wraps(G, KX2) : G < 2 && tab->wrap[G];
     const unsigned char *src = (const unsigned char *)(wraps ? head : tile);
-    int lo_off, hi_off;
-    if (KX2) {                                   /* compile-time rate: the offsets are constants */
-        lo_off = mm_group_half_offset(G, 0, KX2);
-        hi_off = mm_group_half_offset(G, lane_order ? 2 : 4, KX2);
-    } else {
-        lo_off = tab->half_offset[G][0];
-        hi_off = tab->half_offset[G][1];
-    }
-    /* two 16-byte loads (lanes 0-3, 4-7), one byte shuffle, one variable shift: the 8 states */
-    const __m256i bytes = _mm256_loadu2_m128i((const __m128i *)(src + hi_off), (const __m128i *)(src + lo_off));
+    const int offset = KX2 ? mm_group_offset(G, KX2) : tab->offset[G];   /* compile-time rate: a constant */
+    /* one 16-byte load into both halves (a load, no shuffle), one byte shuffle, one variable shift */
+    const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(src + offset)));
     const __m256i lanes = _mm256_shuffle_epi8(bytes, _mm256_loadu_si256((const __m256i *)tab->shuffle[G]));
     const __m256i state = _mm256_and_si256(_mm256_srlv_epi32(lanes, _mm256_loadu_si256((const __m256i *)tab->shr[G])),
                                            _mm256_set1_epi32(0xFFFF));

@@ -54,18 +54,19 @@ static void mm_fill_group_tables(mm_decode_tables *tables)
                     const int pos = order ? mm_lane_pos[l] : l;
                     tab->idx[G][l] = mm_group_idx(G, pos, kx2);          /* 0..7 */
                     tab->sh[G][l] = mm_group_sh(G, pos, kx2);
-                    /* byte-shuffle form */
-                    const int half = l / 4;
-                    const int first = order ? mm_lane_pos[4 * half] : 4 * half;     /* lowest position of the half */
-                    const int base_byte = mm_group_half_offset(G, first, kx2);
+                    /* byte-shuffle form: both 128-bit halves shuffle the same 16 bytes */
+                    const int base_byte = mm_group_offset(G, kx2);
                     const int bit = mm_lane_window_bit(G, pos, kx2);
                     for (int b = 0; b < 4; ++b) {
-                        const int rel = mm_stream_byte_in_memory((bit >> 3) + b) - base_byte;   /* 0..15 */
-                        /* lane byte 3-b <- stream byte m+b; byte 0 (m+3) is not needed */
-                        tab->shuffle[G][4 * (l % 4) + 3 - b + 16 * half] = b == 3 ? 0x80 : (uint8_t)rel;
+                        /* lane byte 3-b <- stream byte m+b; byte 0 (m+3) is never needed, byte 1 (m+2) only
+                         * when the window is not byte-aligned, and then it lies in the 16 bytes (rel <= 15
+                         * for every rate and group: the group spans at most 7 x 8 + 16 bits from its first
+                         * window, whose word starts the 16 bytes; the decoder tests check every rate) */
+                        const int rel = mm_stream_byte_in_memory((bit >> 3) + b) - base_byte;
+                        tab->shuffle[G][4 * l + 3 - b] = b == 3 || rel > 15 ? 0x80 : (uint8_t)rel;
                     }
                     tab->shr[G][l] = 16 - (bit & 7);
-                    tab->half_offset[G][half] = base_byte;
+                    tab->offset[G] = base_byte;
                 }
             }
         }

@@ -30,15 +30,15 @@
  *   word form (portable kernels): lane l's window is (word base+idx[l] << sh[l]) |
  *     (word base+idx[l]+1 >> (32 - sh[l])), its state the top 16 bits; the next word is read
  *     only when sh > 16, the only case in which its bits reach the state.
- *   byte-shuffle form (AVX2): lanes 0-3 and 4-7 each come from one 16-byte load at byte offset
- *     half_offset[G][0 or 1]; a byte shuffle puts the 3 stream bytes holding a lane's window into
- *     lane bytes 3, 2, 1; state = (lane >> shr) & 0xFFFF. */
+ *   byte-shuffle form (AVX2): all 8 lanes come from one 16-byte load at byte offset offset[G]
+ *     (broadcast to both 128-bit halves); a byte shuffle puts the 3 stream bytes holding a lane's
+ *     window into lane bytes 3, 2, 1; state = (lane >> shr) & 0xFFFF. */
 typedef struct mm_group_table {
     int32_t wrap[MM_GROUPS];        /* 1: read from the head */
     int32_t base[MM_GROUPS];
     int32_t idx[MM_GROUPS][MM_LANES];
     int32_t sh[MM_GROUPS][MM_LANES];
-    int32_t half_offset[MM_GROUPS][2];
+    int32_t offset[MM_GROUPS];
     uint8_t shuffle[MM_GROUPS][32];
     int32_t shr[MM_GROUPS][MM_LANES];
 } mm_group_table;
@@ -117,10 +117,10 @@ static inline int mm_lane_window_bit(int G, int pos, int kx2)
 {
     return mm_group_start(G, pos, kx2) - (mm_group_wraps(G, kx2) ? 0 : 32);
 }
-/* The 16-byte load for the half (0: lanes 0-3, 1: lanes 4-7) whose lowest position is `first`. */
-static inline int mm_group_half_offset(int G, int first, int kx2)
+/* The group's 16-byte load: from the word holding its first window, clamped to the tile (or head). */
+static inline int mm_group_offset(int G, int kx2)
 {
-    const int offset = 4 * ((mm_lane_window_bit(G, first, kx2) >> 3) >> 2);
+    const int offset = 4 * ((mm_lane_window_bit(G, 0, kx2) >> 3) >> 2);
     const int limit = (mm_group_wraps(G, kx2) ? 4 * 9 : 4 * mm_tile_dwords(kx2)) - 16;
     return offset < limit ? offset : limit;
 }

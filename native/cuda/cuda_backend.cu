@@ -40,10 +40,9 @@ constexpr int cuda_tokens(int id, int tokens) { return id == MM_VARIANT_LARGE_BA
  * KC = 128 by 4-19% at batch 2-4096 (NOTES-cuda.md, versions 13 and 14).  The fp16 twins keep two
  * k-groups (small: 19-26% slower at batch 2 on glm/qwen, as they cannot split K across CTAs),
  * large_batch its 64 slots (small: 8-23% slower from batch 1024). */
-constexpr bool cuda_small_is_own(int id, int tokens)
+constexpr bool cuda_small_is_own(int id)
 {
-    return tokens == 1 || id == MM_VARIANT_PREFILL4_FP32ACC || id == MM_VARIANT_GENERAL_FP32ACC ||
-           id == MM_VARIANT_SIMD;
+    return id == MM_VARIANT_PREFILL4_FP32ACC || id == MM_VARIANT_GENERAL_FP32ACC || id == MM_VARIANT_SIMD;
 }
 /* warps splitting K inside a CTA: the decode variants (one slot) use one group of 8 warps, so that two
  * 256-thread CTAs share an SM and K splits across CTAs instead */
@@ -58,7 +57,8 @@ constexpr int cuda_kc(int id, int tokens)
  * where the own shape would decode every weight several times.  Only the fp32 general variant has
  * one (the policy's choice from batch 33 on when hidden >= 1024): its shared memory (135 KB, the
  * fp32 epilogue rows) fits an sm_80 block; an fp16-accumulating twin would need 198 KB (its fp16 rows
- * after the fp32 ones).  Variants without one run their own shape at every batch.  KC = 64 and 2 k-tiles per step keep the staged inputs at 72 KB.
+ * after the fp32 ones).  Variants without one run their own shape at every batch.  KC = 64 and 2
+ * k-tiles per step keep the staged inputs at 72 KB.
  * On sm_90a (H100/H200: compute capability 9.0 running this library's sm_90a code) the wide shape
  * can run the same tile on wgmma instead of mma.sync (mm::ORIENT_WG), with METAL_MOE_CUDA_WGMMA=1:
  * correct, but measured no faster (NOTES-cuda.md, version 10), so not the default. */
@@ -113,24 +113,27 @@ constexpr int MAX_FORCED_SPLIT = 8;         /* ... and that METAL_MOE_CUDA_SPLIT
 constexpr int MAX_SPLIT_ITEMS = 4096;       /* (tile, column block) items that may be split */
 constexpr double SPLIT_GAIN = 0.2;          /* the least share of the unsplit waves a split must save */
 
+/* Own_: the full-size shape (cuda_tokens, cuda_wk, cuda_kc, three weight stages); Small_: the small
+ * shape (for the one-slot variants their Own_, which fits); Cfg_: the shape a variant runs by
+ * default, its Small_ where cuda_small_is_own */
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                                            \
-    using Small_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), small_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
-                                  1, small_kc(MM_VARIANT_##ID, tokens), g, u, d, 4, SMALL_STAGES>;                    \
-    using Cfg_##ID = std::conditional_t<                                                                        \
-        (cuda_small_is_own(MM_VARIANT_##ID, tokens) && (tokens) > 1), Small_##ID,                               \
-        mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0,              \
-                   cuda_wk(MM_VARIANT_##ID, tokens), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>>;                  \
+    using Own_##ID = mm::Config<cuda_orient(MM_VARIANT_##ID), cuda_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, \
+                                cuda_wk(MM_VARIANT_##ID, tokens), cuda_kc(MM_VARIANT_##ID, tokens), g, u, d>;             \
+    using Small_##ID = std::conditional_t<                                                                      \
+        (tokens) == 1, Own_##ID,                                                                                \
+        mm::Config<cuda_orient(MM_VARIANT_##ID), small_tokens(MM_VARIANT_##ID, tokens), (fp32) != 0, 1,           \
+                   small_kc(MM_VARIANT_##ID, tokens), g, u, d, 4, SMALL_STAGES>>;                                 \
+    using Cfg_##ID = std::conditional_t<cuda_small_is_own(MM_VARIANT_##ID), Small_##ID, Own_##ID>;              \
     using Wide_##ID = mm::Config<mm::ORIENT_STD, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;               \
     using WideWG_##ID = mm::Config<mm::ORIENT_WG, WIDE_TOKENS, (fp32) != 0, 1, 64, g, u, d, 2>;                \
-    using Wide32_##ID = mm::Config<mm::ORIENT_STD, WIDE32_TOKENS, (fp32) != 0, 1, 128, g, u, d, 4, SMALL_STAGES>; \
-    using SmallOrOwn_##ID = std::conditional_t<cuda_small_is_own(MM_VARIANT_##ID, tokens), Cfg_##ID, Small_##ID>;
+    using Wide32_##ID = mm::Config<mm::ORIENT_STD, WIDE32_TOKENS, (fp32) != 0, 1, 128, g, u, d, 4, SMALL_STAGES>;
 #include "variants.def"
 #undef MM_VARIANT
 
 const Launcher launchers[MM_VARIANT_COUNT][SHAPES] = {
 #define MM_VARIANT(ID, name, tile_n, tokens, fp32, g, u, d, FALLBACK)                     \
     {make_launcher<Cfg_##ID>(), wide_launcher<MM_VARIANT_##ID, Cfg_##ID, Wide_##ID>(), \
-     wide_launcher<MM_VARIANT_##ID, Cfg_##ID, WideWG_##ID>(), make_launcher<SmallOrOwn_##ID>(),   \
+     wide_launcher<MM_VARIANT_##ID, Cfg_##ID, WideWG_##ID>(), make_launcher<Small_##ID>(),   \
      wide_launcher<MM_VARIANT_##ID, Cfg_##ID, Wide32_##ID>()},
 #include "variants.def"
 #undef MM_VARIANT

@@ -35,16 +35,16 @@ def seed_of(*key):
 
 
 @functools.lru_cache(maxsize=None)
-def weights(codebook, bits, shared):
-    return mm.MoEWeights.random(hidden=HIDDEN, intermediate=INTERMEDIATE, experts=EXPERTS, bits=bits,
+def weights(codebook, bits, shared, experts=EXPERTS, intermediate=INTERMEDIATE):
+    return mm.MoEWeights.random(hidden=HIDDEN, intermediate=intermediate, experts=experts, bits=bits,
                                 codebook=codebook, shared=shared, seed=seed_of(codebook, bits, shared))
 
 
 @functools.lru_cache(maxsize=None)
-def inputs(batch, seed=0):
+def inputs(batch, seed=0, experts=EXPERTS):
     rng = np.random.default_rng(seed_of(batch, seed))
     x = rng.standard_normal((batch, HIDDEN)).astype(np.float16)
-    ids, p = reference.route(rng.standard_normal((batch, EXPERTS)), TOP_K)
+    ids, p = reference.route(rng.standard_normal((batch, experts)), TOP_K)
     return x, ids, p
 
 

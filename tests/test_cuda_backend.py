@@ -15,7 +15,7 @@ import pytest
 import metal_moe as mm
 from metal_moe import policy, reference
 
-from native_cases import (HIDDEN, RSF, check, check_decoder_on_vectors, check_exl3_moe, every_state_weight,
+from native_cases import (EXPERTS, HIDDEN, RSF, check, check_decoder_on_vectors, check_exl3_moe, every_state_weight,
                           expected, exl3_moe_case, inputs, matrix, seed_of, weights)
 
 pytestmark = pytest.mark.skipif("cuda" not in mm.backends(),
@@ -209,11 +209,12 @@ def test_token_with_no_valid_slot_gets_a_nan_row(variant):
 _LAUNCH_ENV_SCRIPT = """
 import os, sys, numpy as np, metal_moe as mm
 sys.path.insert(0, {tests!r})
-from native_cases import HIDDEN, inputs, weights
+from native_cases import EXPERTS, HIDDEN, inputs, weights
 print(mm.Context("cuda").simd)
-w = weights("mcg", (6, 2, 3), True).to("cuda")
+dims = {dims!r}
+w = weights("mcg", (6, 2, 3), True, **dims).to("cuda")
 for batch, variant in {cases!r}:
-    x, ids, p = inputs(batch)
+    x, ids, p = inputs(batch, experts=dims.get("experts", EXPERTS))
     out = mm.DeviceArray.from_numpy(np.full((batch, HIDDEN), np.nan, np.float32))
     mm.fused_moe(mm.DeviceArray.from_numpy(x), mm.DeviceArray.from_numpy(ids), mm.DeviceArray.from_numpy(p), w,
                  kernel=variant, out=out)
@@ -221,13 +222,15 @@ for batch, variant in {cases!r}:
 """
 
 
-def _run_with_env(tmp_path, env, cases, with_stderr=False):
+def _run_with_env(tmp_path, env, cases, with_stderr=False, dims=None):
     """Runs `cases` [(batch, variant)] in a fresh process with `env` added: (Context.simd, {case: output}),
-    and the process's stderr (where METAL_MOE_CUDA_TRACE=1 writes) if with_stderr."""
+    and the process's stderr (where METAL_MOE_CUDA_TRACE=1 writes) if with_stderr.  `dims`: the
+    weights' {experts, intermediate} where not native_cases' own."""
     import subprocess
     import sys
 
-    script = _LAUNCH_ENV_SCRIPT.format(tests=os.path.dirname(__file__), cases=cases, folder=str(tmp_path))
+    script = _LAUNCH_ENV_SCRIPT.format(tests=os.path.dirname(__file__), cases=cases, folder=str(tmp_path),
+                                       dims=dims or {})
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
@@ -248,11 +251,13 @@ def test_programmatic_launches_change_no_bit(tmp_path):
         assert np.array_equal(on[case], off[case]), case
 
 
-def _check_cases(got, cases):
+def _check_cases(got, cases, dims=None):
     """Each case's output from the env script (mcg, 6/2/3, shared expert) against the reference."""
+    dims = dims or {}
     for batch, variant in cases:
-        x, ids, p = inputs(batch)
-        check(got[(batch, variant)], reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True)), variant)
+        x, ids, p = inputs(batch, experts=dims.get("experts", EXPERTS))
+        expected = reference.moe_forward(x, ids, p, weights("mcg", (6, 2, 3), True, **dims))
+        check(got[(batch, variant)], expected, variant)
 
 
 def _two_forced_settings(tmp_path, name, settings, cases):
@@ -315,6 +320,38 @@ def test_small_shapes_of_99_kb_devices(tmp_path):
         if split:
             assert all("K split 2" in line for line, (_, v) in zip(plans, cases) if v.endswith(fp32)), trace
         _check_cases(got, cases)
+
+
+def test_fp16_variants_take_their_small_shape_from_a_full_wave(tmp_path):
+    """In the default shapes prefill4 and the fp16 general variant keep their own shape while its grid
+    is short of two waves (batch 3: a few tiles) and take their small shape from there on (batch 2000:
+    hundreds of tiles).  large_batch takes its small shape (32 slots per tile) where its own grid fills
+    a wave and an expert has fewer than 32 routed slots (64 experts x 1536 intermediate at batch 16),
+    and its own (64 slots) where the grid is short of a wave (the 8 experts of native_cases at batch 16)
+    or the experts are fuller (batch 1100: 34 routed slots per expert).  METAL_MOE_CUDA_SMALL=0 keeps
+    every one in its own shape.  The trace on stderr names the shape of each call, and every one
+    matches the reference."""
+    small_dims = [(3, policy.PREFILL4, "own shape (4"), (2000, policy.PREFILL4, "small shape (4"),
+                  (3, policy.GENERAL, "own shape (16"), (2000, policy.GENERAL, "small shape (16"),
+                  (16, policy.LARGE_BATCH, "own shape (64")]
+    big_dims = [(16, policy.LARGE_BATCH, "small shape (32"), (1100, policy.LARGE_BATCH, "own shape (64")]
+    for setting in ("rule", "0"):
+        for dims, expect in ((None, small_dims), ({"experts": 64, "intermediate": 1536}, big_dims)):
+            folder = tmp_path / f"{setting}_{len(expect)}"
+            folder.mkdir()
+            cases = [(batch, variant) for batch, variant, _ in expect]
+            env = {"METAL_MOE_CUDA_TRACE": "1", "METAL_MOE_CUDA_SMALL": setting}
+            simd, got, trace = _run_with_env(folder, env, cases, with_stderr=True, dims=dims)
+            if "small shapes" in simd:
+                pytest.skip(f"this device runs every call in the small shapes: {simd}")
+            assert ("fp16 variants in their own shapes only" in simd) == (setting == "0"), simd
+            plans = [line for line in trace.splitlines() if line.startswith("metal_moe cuda:")]
+            assert len(plans) == len(cases), trace
+            for plan, (_, _, shape) in zip(plans, expect):
+                if setting == "0":
+                    shape = "own shape (64" if "32" in shape else shape.replace("small", "own")
+                assert f", {shape} slots per tile)" in plan, (setting, shape, plan)
+            _check_cases(got, cases, dims)
 
 
 def test_wide_shape_on_wgmma_and_on_mma_sync(tmp_path):

@@ -81,6 +81,19 @@ constexpr int WIDE128_FROM = 64;
 constexpr int small_tokens(int id, int tokens) { return std::min(cuda_tokens(id, tokens), 32); }
 constexpr int small_kc(int id, int tokens) { return small_tokens(id, tokens) >= 16 ? 128 : cuda_kc(id, tokens); }
 constexpr int SMALL_STAGES = 2;
+/* The fp16-accumulating variants keep their own shapes (two k-groups of warps, three weight stages)
+ * while the own shape's gate/up grid (tile bound x column blocks) is short of SMALL_FROM_WAVES waves,
+ * where the in-CTA K split is their only one (an fp16 sum is not split across CTAs), and take the
+ * small shape from there on.  Measured (H200, NOTES-cuda.md, version 15), small against own: glm/qwen
+ * batch 2 (0.7-0.9 waves of the bound) 19-28% slower, glm batch 4 (1.8 waves) 10-12% slower, qwen
+ * batch 4 (1.5 waves) 11-12% faster, deepseek-v3 batch 2 (2.2 waves) 3-5% faster and every preset
+ * from batch 8 (2.9 waves and more) 1-16% faster: two waves is the least count at which small never
+ * lost.  large_batch (64 slots per tile, small: 32) takes its small shape from one wave of its own
+ * grid and below LARGE_SMALL_UNTIL routed slots per expert: small 10-19% faster at 0.25-16 slots per
+ * expert once the grid fills a wave, 29-31% slower at glm/qwen batch 2 (0.7-0.9 waves), 2-5% slower
+ * at 32 and 8-10% at 64 slots per expert. */
+constexpr int SMALL_FROM_WAVES = 2;
+constexpr int LARGE_SMALL_UNTIL = 32;
 
 enum { SHAPE_OWN = 0, SHAPE_WIDE = 1, SHAPE_WIDE_WGMMA = 2, SHAPE_SMALL = 3, SHAPE_WIDE32 = 4, SHAPES = 5 };
 const char *const shape_names[SHAPES] = {"own", "wide", "wide (wgmma)", "small", "wide"};
@@ -165,6 +178,7 @@ struct CudaContext {
     int split = 0;                          /* METAL_MOE_CUDA_SPLIT: 0 chosen per call, 1..MAX_FORCED_SPLIT forced */
     bool trace = false;                     /* METAL_MOE_CUDA_TRACE=1: each forward's launch plan on stderr */
     bool small = false;                     /* every call in SHAPE_SMALL (99 KB devices, METAL_MOE_CUDA_SMALL=1) */
+    bool small_rule = true;                 /* fp16 variants' small shape by grid size (METAL_MOE_CUDA_SMALL=0: off) */
 };
 
 mm_status cuda_fail(cudaError_t err, const char *what)
@@ -279,6 +293,13 @@ cudaError_t launch(void (*kernel)(const mm_cuda_args), dim3 grid, unsigned threa
  * the unsplit waves; otherwise 1.  Writing and adding the partial sums is not free: splits that saved
  * 2-11% of the modelled waves made glm and qwen up to 2x slower (NOTES-cuda.md, version 9).
  * forced > 0 (METAL_MOE_CUDA_SPLIT): that count wherever splitting is possible, capped at the steps. */
+/* At most this many tiles of `tokens` slots hold `slots` slots of `experts` experts (each expert's last
+ * tile may be partial). */
+int64_t tile_bound(int64_t slots, int tokens, int experts)
+{
+    return std::min<int64_t>(slots, slots / tokens + std::min<int64_t>(experts, slots));
+}
+
 int choose_splits(const Launcher &L, int64_t items, int ktiles, int capacity, int forced)
 {
     if (!L.splittable || items > MAX_SPLIT_ITEMS) return 1;
@@ -369,15 +390,24 @@ mm_status cuda_forward(mm_context *ctx, const mm_forward_call *call)
     const int wide = !cuda_has_wide(call->variant_id) ? 0
                      : c->wide >= 0 ? c->wide
                      : routed_slots < WIDE32_FROM * experts ? 0 : routed_slots < WIDE128_FROM * experts ? 2 : 1;
-    const int shape = c->small ? SHAPE_SMALL : wide == 0 ? SHAPE_OWN : wide == 2 ? SHAPE_WIDE32
-                      : c->wgmma ? SHAPE_WIDE_WGMMA : SHAPE_WIDE;
+    int shape = c->small ? SHAPE_SMALL : wide == 0 ? SHAPE_OWN : wide == 2 ? SHAPE_WIDE32
+                : c->wgmma ? SHAPE_WIDE_WGMMA : SHAPE_WIDE;
+    const int sms = c->props.multiProcessorCount;
+    const Launcher &own = launchers[call->variant_id][SHAPE_OWN];
+    if (shape == SHAPE_OWN && c->small_rule && launchers[call->variant_id][SHAPE_SMALL].gate_up != own.gate_up) {
+        const bool large = call->variant_id == MM_VARIANT_LARGE_BATCH;
+        const int64_t own_items = tile_bound(slots, own.tokens, nexp) * (I / mm::COLS);
+        const int64_t wave = static_cast<int64_t>(sms) * c->blocks_per_sm[call->variant_id][SHAPE_OWN][0];
+        if (own_items >= (large ? 1 : SMALL_FROM_WAVES) * wave &&
+            (!large || routed_slots < LARGE_SMALL_UNTIL * experts))
+            shape = SHAPE_SMALL;
+    }
     const Launcher &L = launchers[call->variant_id][shape];
     if (2 * slots * (H > I ? H : I) >= (1ll << 31))
         return mm_fail(MM_ERR_UNSUPPORTED, "x: %lld tokens x %d slots is too many for one cuda call (the workspace "
                        "is indexed with 32-bit offsets); split the batch", (long long)call->tokens,
                        (int)(slots / call->tokens));
-    const int64_t max_tiles = std::min<int64_t>(slots, slots / L.tokens + std::min<int64_t>(nexp, slots));
-    const int sms = c->props.multiProcessorCount;
+    const int64_t max_tiles = tile_bound(slots, L.tokens, nexp);
     const int *occupancy = c->blocks_per_sm[call->variant_id][shape];
     const int64_t items_gu = max_tiles * (I / mm::COLS), items_dn = max_tiles * (H / mm::COLS);
     int split_gu = choose_splits(L, items_gu, H / 16, sms * occupancy[0], c->split);
@@ -641,7 +671,8 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
      * occupancy;
      * METAL_MOE_CUDA_TRACE=1 prints each forward's shape, tile bound, capacity and splits to stderr;
      * METAL_MOE_CUDA_WGMMA=1 runs the wide shape on wgmma where the sm_90a code runs (else mma.sync);
-     * METAL_MOE_CUDA_SMALL=1 runs every call in the small shapes of 99 KB devices (read further down). */
+     * METAL_MOE_CUDA_SMALL=1 runs every call in the small shapes of 99 KB devices (read further down), =0
+     * keeps the fp16-accumulating variants in their own shapes at every batch. */
     c->pdl = c->props.major >= 9 && env_digit("METAL_MOE_CUDA_PDL", 0, 0, 1) != 0;
     c->launches = env_digit("METAL_MOE_CUDA_LAUNCHES", 1, 2, 3);
     c->wide = env_digit("METAL_MOE_CUDA_WIDE", 0, 2, -1);
@@ -689,7 +720,9 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
     const size_t have = c->props.sharedMemPerBlockOptin;
     const size_t need_big = std::max({smem_need[SHAPE_OWN], smem_need[SHAPE_WIDE], smem_need[SHAPE_WIDE_WGMMA],
                                       smem_need[SHAPE_WIDE32]});
-    c->small = need_big > have || env_digit("METAL_MOE_CUDA_SMALL", 1, 1, 0) == 1;
+    const int small_code = env_digit("METAL_MOE_CUDA_SMALL", 0, 1, -1);
+    c->small = need_big > have || small_code == 1;
+    c->small_rule = small_code != 0;
     if (c->small && smem_need[SHAPE_SMALL] > have) {
         const int major = c->props.major, minor = c->props.minor;
         cuda_destroy(ctx);
@@ -699,7 +732,7 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
     }
     c->wgmma = wgmma_code == 1 && !c->small;
     for (int v = 0; v < SHAPES * MM_VARIANT_COUNT; ++v) {
-        if ((v % SHAPES == SHAPE_SMALL) != c->small) continue;      /* a shape this context never runs */
+        if (c->small && v % SHAPES != SHAPE_SMALL) continue;         /* a shape this context never runs */
         const Launcher &L = launchers[v / SHAPES][v % SHAPES];
         if ((err = cudaFuncSetAttribute(L.gate_up, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(L.smem_gate_up))) != cudaSuccess ||
@@ -723,6 +756,8 @@ extern "C" mm_status mm_cuda_context_init(mm_context *ctx, const mm_context_opti
     if (c->split) snprintf(split_text, sizeof split_text, ", K split forced to %d", c->split);
     if (c->small)
         snprintf(small_text, sizeof small_text, ", small shapes (%zu KB of shared memory per block)", have / 1024);
+    else if (!c->small_rule)
+        snprintf(small_text, sizeof small_text, ", fp16 variants in their own shapes only");
     snprintf(c->simd, sizeof c->simd, "sm_%d%d (%s, %d SMs%s%s%s%s%s%s)", c->props.major, c->props.minor,
              c->props.name, c->props.multiProcessorCount, c->pdl ? ", programmatic launches" : "",
              c->wgmma ? ", wgmma wide tiles" : c->small ? "" : want_wgmma ? ", wgmma unavailable (no sm_90a code loaded)"

@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
 #   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
-# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, splitsx, smallab, wide32, fp16ab, abfast, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, splitsx, smallab, wide32, fp16ab, shared, abfast, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -110,23 +110,31 @@ for step in "$@"; do
                   --batch "${MM_AB_BATCH:-128,256,512,1024,2048,4096}" --variants moe_trellis_swiglu_fp32acc --no-baseline \
                   --json "$OUT/wide32_${wd}_$p.json" 2>&1 | tee -a "$OUT/wide32.txt"
               done; done ;;
-    fp16ab)   # the fp16-accumulating variants (the policy's choices when hidden < 1024 or use_fp32_acc=False) in the
-              # default shapes: one side of an A/B between two builds (pending/cuda-v15-fp16-small-from-a-wave.patch)
-              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
-                python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 2,4,16,33,64,128,256,512,1024 \
+    fp16ab)   # the fp16-accumulating variants (the policy's choices when hidden < 1024 or use_fp32_acc=False) in
+              # their own shapes only (METAL_MOE_CUDA_SMALL=0), small only (=1) and by the default rule: A/B/C in this run
+              for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for sm in 0 1 rule; do
+                METAL_MOE_CUDA_SMALL=$sm python3 -m metal_moe bench --backend cuda --preset "$p" --quiet \
+                  --batch 2,4,8,16,33,64,128,256,512,1024 \
                   --variants moe_trellis_swiglu_prefill4,moe_trellis_swiglu,moe_trellis_swiglu_large_batch \
-                  --no-baseline --json "$OUT/fp16ab_$p.json" 2>&1 | tee -a "$OUT/fp16ab.txt"
-              done ;;
+                  --no-baseline --json "$OUT/fp16ab_${sm}_$p.json" 2>&1 | tee -a "$OUT/fp16ab.txt"
+              done; done ;;
+    shared)   # the policy's choices with and without the preset's shared expert (bench --no-shared): its share of the time
+              for p in glm-4.7-flash deepseek-v3; do for f in "" --no-shared; do
+                python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 128,512,4096 $f \
+                  --json "$OUT/shared${f:+_none}_$p.json" 2>&1 | tee -a "$OUT/shared.txt"
+              done; done ;;
     splitsx)  # the small batches with K split more ways than the rule considers (5-8; 4 and the policy's choice to compare)
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do for k in 0 4 5 6 7 8; do
                 METAL_MOE_CUDA_SPLIT=$k python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --batch 1,2,4 \
                   --no-baseline --json "$OUT/splitx${k}_$p.json" 2>&1 | tee -a "$OUT/splitsx.txt"
               done; done ;;
     trace)    # each policy choice's launch plan (METAL_MOE_CUDA_TRACE): shape, tile bound, CTAs per wave, K splits
+              # (MM_TRACE_BATCH, MM_TRACE_VARIANTS: other batches, other variants than the policy's)
               for p in glm-4.7-flash qwen3-30b-a3b deepseek-v3; do
                 echo "# $p" >> "$OUT/trace.txt"
                 METAL_MOE_CUDA_TRACE=1 python3 -m metal_moe bench --backend cuda --preset "$p" --quiet --no-baseline \
-                  --batch 1,2,4,8,16,32,64,128,512,4096 --repeats 2 2>&1 > /dev/null | grep "^metal_moe cuda" | uniq >> "$OUT/trace.txt"
+                  --batch "${MM_TRACE_BATCH:-1,2,4,8,16,32,64,128,512,4096}" ${MM_TRACE_VARIANTS:+--variants "$MM_TRACE_VARIANTS"} \
+                  --repeats 2 2>&1 > /dev/null | grep "^metal_moe cuda" | uniq >> "$OUT/trace.txt"
               done
               cat "$OUT/trace.txt" | tee -a "$OUT/summary.txt" ;;
     stages)   # graph replay of only the first k launches of each forward (k = 1..3; 4 is the bench step)

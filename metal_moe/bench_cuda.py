@@ -141,14 +141,17 @@ class Bf16Baseline:
 
 
 def run(preset="glm-4.7-flash", batches=(1, 2, 4, 8, 16, 32, 64, 128, 512, 4096), variants="policy", repeats=20,
-        seed=0, device=0, baseline=True, progress=None, ceiling=None, codebook=None):
+        seed=0, device=0, baseline=True, progress=None, ceiling=None, codebook=None, shared=None):
     """Benchmark the CUDA backend on one preset (``codebook``: another codebook than the preset's,
-    for every projection); returns a JSON-serialisable dict."""
+    for every projection; ``shared``: with or without a shared expert, other than the preset);
+    returns a JSON-serialisable dict."""
     torch = _torch()
     torch.cuda.set_device(device)
     pr = PRESETS[preset]
     if codebook is not None:
         pr = dataclasses.replace(pr, codebook=check_codebook(codebook))
+    if shared is not None:
+        pr = dataclasses.replace(pr, shared=bool(shared))
     ceiling = ceiling or copy_bandwidth(torch)
     props = torch.cuda.get_device_properties(device)
     w0 = random_device_weights(pr, device, seed, torch)

@@ -72,14 +72,16 @@ def _backend(name):
     return name
 
 
-def _load_weights(args):
+def _load_weights(args, no_shared=False):
     if args.weights:
         if not args.prefix:
             raise SystemExit("metal-moe: --weights needs --prefix (e.g. model.layers.3.mlp)")
-        if args.codebook:
-            raise SystemExit("metal-moe: --codebook is for random weights; a loaded layer has its own codebooks")
+        if args.codebook or no_shared:
+            raise SystemExit(f"metal-moe: {'--codebook' if args.codebook else '--no-shared'} is for random weights; "
+                             "a loaded layer is as it was saved")
         return MoEWeights.from_safetensors(args.weights, args.prefix)
-    return MoEWeights.random(args.preset, experts=args.experts, seed=args.seed, codebook=args.codebook)
+    return MoEWeights.random(args.preset, experts=args.experts, seed=args.seed, codebook=args.codebook,
+                             shared=False if no_shared else None)
 
 
 # ---- demo ---------------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def cmd_bench(args):
     variants = args.variants if args.variants in ("all", "policy") else args.variants.split(",")
     if backend == "cuda":
         return _bench_cuda(args, variants)
-    weights = _load_weights(args)
+    weights = _load_weights(args, no_shared=args.no_shared)
     progress = Progress(args.quiet, "bench")
     res = bench.run(weights, backend=backend, batches=args.batch, variants=variants, repeats=args.repeats,
                     warmup=args.warmup, baseline=not args.no_baseline, seed=args.seed, progress=progress)
@@ -171,7 +173,8 @@ def _bench_cuda(args, variants):
                          "(--weights is for the CPU harness)")
     progress = Progress(args.quiet, "bench")
     res = bench_cuda.run(args.preset, batches=args.batch, variants=variants, repeats=args.repeats, seed=args.seed,
-                         baseline=not args.no_baseline, progress=progress, codebook=args.codebook)
+                         baseline=not args.no_baseline, progress=progress, codebook=args.codebook,
+                         shared=False if args.no_shared else None)
     progress.close()
     if args.json:
         with open(args.json, "w") as f:
@@ -324,6 +327,8 @@ def build_parser():
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--no-baseline", action="store_true", help="skip the NumPy float32 baseline")
+    b.add_argument("--no-shared", action="store_true",
+                   help="random weights without the preset's shared expert (to time the shared expert's share)")
     b.add_argument("--json", metavar="FILE", help="write the results as JSON")
     b.add_argument("--plot", metavar="FILE.png", help="plot time and GB/s against batch (needs matplotlib)")
     b.set_defaults(func=cmd_bench)

@@ -52,6 +52,21 @@ def test_demo_json():
         assert row["variant"] == policy.select(row["batch"], True, 4, 4, 4).name
 
 
+def test_no_shared_option_drops_the_presets_shared_expert(tmp_path):
+    """glm-4.7-flash has a shared expert; bench --no-shared times the same preset without it (and
+    still checks each result against the reference); loaded weights refuse the option."""
+    got = {}
+    for flag in ([], ["--no-shared"]):
+        path = tmp_path / f"b{len(flag)}.json"
+        assert cli.main(["bench", "--preset", "glm-4.7-flash", "--experts", "4", "--quiet", "--batch", "2",
+                         "--repeats", "1", "--warmup", "0", "--no-baseline", *flag, "--json", str(path)]) == 0
+        got[bool(flag)] = json.loads(path.read_text())
+    assert got[False]["weights"].endswith(", shared)") and not got[True]["weights"].endswith(", shared)")
+    assert all(r["max_rel_error"] < 1e-2 for r in got[True]["results"])
+    with pytest.raises(SystemExit, match="--no-shared is for random weights"):
+        cli.main(["bench", "--weights", "x.safetensors", "--prefix", "m", "--no-shared", "--quiet"])
+
+
 @pytest.mark.parametrize("codebook", ["mcg", "mul1"])
 def test_codebook_option_builds_random_weights_with_that_codebook(codebook, tmp_path):
     path = tmp_path / "b.json"

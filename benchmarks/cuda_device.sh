@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
 #   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
-# Steps (any subset, run in the order given; a failing quick stops the rest): probe, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, splitsx, smallab, wide32, fp16ab, shared, abfast, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick or wgtest stops the rest): probe, wgtest, wgsan, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, splitsx, smallab, wide32, fp16ab, shared, abfast, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -39,6 +39,20 @@ for step in "$@"; do
     quick)    python3 -m pytest -q -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k "not variant_matches" > "$OUT/quick.log" 2>&1
               tail -25 "$OUT/quick.log" | tee -a "$OUT/summary.txt"
               grep -qE "[0-9]+ (failed|error)" "$OUT/quick.log" && { echo "quick failed: stopping"; exit 1; } ;;
+    wgtest)   # the wgmma shape's test alone; past 150 s it is a hang: every process left on the GPU is killed
+              timeout -k 5 150 python3 -m pytest -q -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k wgmma > "$OUT/wgtest.log" 2>&1
+              echo "wgtest: rc $?" | tee -a "$OUT/summary.txt"
+              nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9
+              tail -30 "$OUT/wgtest.log" | tee -a "$OUT/summary.txt"
+              grep -qE "[0-9]+ passed" "$OUT/wgtest.log" || { echo "wgtest failed: stopping"; exit 1; } ;;
+    wgsan)    # the same test under memcheck and racecheck (150 s each at most)
+              for tool in memcheck racecheck; do
+                timeout -k 5 150 compute-sanitizer --tool $tool --error-exitcode 99 --target-processes all python3 -m pytest -q \
+                  -p no:cacheprovider "$REPO/tests/test_cuda_backend.py" -k wgmma > "$OUT/wgsan_$tool.log" 2>&1
+                echo "wgsan $tool: rc $?" | tee -a "$OUT/summary.txt"
+                nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9
+                grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|skipped" "$OUT/wgsan_$tool.log" | tail -4 | tee -a "$OUT/summary.txt"
+              done ;;
     sanitize) bash "$REPO/benchmarks/cuda_sanitize.sh" "$REPO" > "$OUT/sanitize.log" 2>&1
               grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize.log" | tee -a "$OUT/summary.txt" ;;
     smoke)    python3 -m metal_moe bench --backend cuda --preset glm-4.7-flash --quiet --batch 1,16,512,4096 \

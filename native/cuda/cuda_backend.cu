@@ -288,11 +288,6 @@ cudaError_t launch(void (*kernel)(const mm_cuda_args), dim3 grid, unsigned threa
     return err;
 }
 
-/* How many CTAs share the K loop of each output block: the split count in 2..MAX_SPLIT that minimises
- * waves / splits of `items` (tiles x column blocks), but only where that saves at least SPLIT_GAIN of
- * the unsplit waves; otherwise 1.  Writing and adding the partial sums is not free: splits that saved
- * 2-11% of the modelled waves made glm and qwen up to 2x slower (NOTES-cuda.md, version 9).
- * forced > 0 (METAL_MOE_CUDA_SPLIT): that count wherever splitting is possible, capped at the steps. */
 /* At most this many tiles of `tokens` slots hold `slots` slots of `experts` experts (each expert's last
  * tile may be partial). */
 int64_t tile_bound(int64_t slots, int tokens, int experts)
@@ -300,6 +295,11 @@ int64_t tile_bound(int64_t slots, int tokens, int experts)
     return std::min<int64_t>(slots, slots / tokens + std::min<int64_t>(experts, slots));
 }
 
+/* How many CTAs share the K loop of each output block: the split count in 2..MAX_SPLIT that minimises
+ * waves / splits of `items` (tiles x column blocks), but only where that saves at least SPLIT_GAIN of
+ * the unsplit waves; otherwise 1.  Writing and adding the partial sums is not free: splits that saved
+ * 2-11% of the modelled waves made glm and qwen up to 2x slower (NOTES-cuda.md, version 9).
+ * forced > 0 (METAL_MOE_CUDA_SPLIT): that count wherever splitting is possible, capped at the steps. */
 int choose_splits(const Launcher &L, int64_t items, int ktiles, int capacity, int forced)
 {
     if (!L.splittable || items > MAX_SPLIT_ITEMS) return 1;

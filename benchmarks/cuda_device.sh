@@ -44,7 +44,7 @@ for step in "$@"; do
               tail -25 "$OUT/quick.log" | tee -a "$OUT/summary.txt"
               grep -qE "[0-9]+ (failed|error)" "$OUT/quick.log" && { echo "quick failed: stopping"; exit 1; } ;;
     wgtest)   # the wgmma shape's test alone (bounded: a hang stops after 150 s)
-              bounded "$OUT/wgtest.log" python3 -m pytest -q -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k wgmma
+              bounded "$OUT/wgtest.log" python3 -m pytest -q -rs -p no:cacheprovider -x "$REPO/tests/test_cuda_backend.py" -k wgmma
               tail -30 "$OUT/wgtest.log" | tee -a "$OUT/summary.txt"
               grep -qE "[0-9]+ passed" "$OUT/wgtest.log" || { echo "wgtest failed: stopping"; exit 1; } ;;
     wgsan)    # the same test under memcheck and racecheck (150 s each at most)
@@ -54,7 +54,7 @@ for step in "$@"; do
                 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|skipped" "$OUT/wgsan_$tool.log" | tail -4 | tee -a "$OUT/summary.txt"
               done ;;
     raceprobe) # whether racecheck pairs barriers by id (benchmarks/probe_racecheck_roles.cu; NOTES-cuda.md, version 17)
-              nvcc -gencode=arch=compute_80,code=sm_80 "$REPO/benchmarks/probe_racecheck_roles.cu" -o /tmp/probe_roles \
+              nvcc -arch=native "$REPO/benchmarks/probe_racecheck_roles.cu" -o /tmp/probe_roles \
                 && compute-sanitizer --tool racecheck /tmp/probe_roles 2>&1 | tail -12 | tee -a "$OUT/summary.txt" ;;
     sanitize) bash "$REPO/benchmarks/cuda_sanitize.sh" "$REPO" > "$OUT/sanitize.log" 2>&1
               grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize.log" | tee -a "$OUT/summary.txt" ;;

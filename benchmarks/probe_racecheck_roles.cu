@@ -2,7 +2,7 @@
  * Does compute-sanitizer racecheck pair barriers by id?  (NOTES-cuda.md, versions 16 and 17: racecheck
  * reported hazards between two roles' shared-memory accesses that a __syncthreads separates, after the
  * roles had run their own named barriers different numbers of times.)  Stand-alone:
- *   nvcc -gencode=arch=compute_80,code=sm_80 benchmarks/probe_racecheck_roles.cu -o probe_roles
+ *   nvcc -arch=native benchmarks/probe_racecheck_roles.cu -o probe_roles   (sm_80 code alone does not run on sm_90)
  *   compute-sanitizer --tool racecheck ./probe_roles
  * 384 threads: warps 0-7 ("MMA") run `bar.sync 1, 256` n1 times, warps 8-11 ("decoders") `bar.sync 2, 128`
  * n2 times; then all threads __syncthreads, the decoders write a shared array, __syncthreads, the MMA
@@ -38,8 +38,10 @@ int main()
         cudaMemset(out, 0, sizeof(int));
         roles<<<1, 384>>>(r[0], r[1], out);
         int got = 0;
-        if (cudaMemcpy(&got, out, sizeof got, cudaMemcpyDeviceToHost) != cudaSuccess) {
-            printf("launch failed: %s\n", cudaGetErrorString(cudaGetLastError()));
+        cudaError_t err = cudaGetLastError();
+        if (err == cudaSuccess) err = cudaMemcpy(&got, out, sizeof got, cudaMemcpyDeviceToHost);
+        if (err != cudaSuccess) {
+            printf("launch failed: %s\n", cudaGetErrorString(err));
             return 1;
         }
         const int want = (256 + 511) * 256 / 2;                   /* the cells hold 256 .. 511 */

@@ -1,10 +1,11 @@
 /* The AVX2 + FMA + F16C CPU kernels: gemm_template.h over __m256.  Compiled with -mavx2 -mfma
  * -mf16c and called only after a run-time check of the processor (cpu_backend.c).
  *
- * Decoding one group of 8 weights: one 16-byte load broadcast to both halves, one byte shuffle and
- * one variable shift give the 8 states; 3INST/MCG: one multiply(-add), and/xor, two fp16->fp32
- * conversions and a pairwise add (whose lane shuffle produces the lane order, so states are taken
- * in natural order), then the single fp16 rounding; MUL1: multiply, byte sum, one FMA, rounding. */
+ * Decoding one group of 8 weights (states taken in lane order): one 16-byte load broadcast to both
+ * halves, one byte shuffle and one variable shift give the 8 states; 3INST/MCG: one multiply(-add),
+ * each fp16 half put into fp32 bits by integer operations (scaled by 2^-112, no conversion
+ * instruction), one add, the single fp16 rounding and the rescale; MUL1: multiply, byte sum, one FMA,
+ * rounding. */
 #include <immintrin.h>
 
 #include "cpu_kernels.h"
@@ -35,8 +36,7 @@ static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const 
                                   int kx2, int G, int CB, const mm_kernel_env *env)
 {
     (void)env;
-    const int lane_order = CB == MM_CB_MUL1;     /* 3INST/MCG: natural order, the pairwise add reorders */
-    const mm_group_table *tab = lane_order ? &tables->lanes[kx2] : &tables->natural[kx2];
+    const mm_group_table *tab = &tables->lanes[kx2];
     const int wraps = KX2 ? mm_group_wraps(G, KX2) : G < 2 && tab->wrap[G];
     const unsigned char *src = (const unsigned char *)(wraps ? head : tile);
     const int offset = KX2 ? mm_group_offset(G, KX2) : tab->offset[G];   /* compile-time rate: a constant */
@@ -59,10 +59,20 @@ static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const 
                         ? _mm256_mullo_epi32(state, _mm256_set1_epi32((int)MM_MCG_MUL))
                         : _mm256_add_epi32(_mm256_mullo_epi32(state, _mm256_set1_epi32((int)MM_3INST_MUL)),
                                            _mm256_set1_epi32((int)MM_3INST_ADD));
-        x = _mm256_xor_si256(_mm256_and_si256(x, _mm256_set1_epi32((int)MM_HALF_MASK)), _mm256_set1_epi32((int)MM_HALF_XOR));
-        const __m256 first = _mm256_cvtph_ps(_mm256_castsi256_si128(x));        /* halves of lanes 0..3 */
-        const __m256 second = _mm256_cvtph_ps(_mm256_extracti128_si256(x, 1));  /* halves of lanes 4..7 */
-        value = _mm256_hadd_ps(first, second);     /* positions 0,1,4,5,2,3,6,7: the lane order */
+        /* Each fp16 half straight into fp32 bits, scaled by 2^-112: an arithmetic shift by 3 puts a half's
+         * exponent and mantissa (bits 30..16) at fp32's 27..13 and its sign on 31..28; the mask keeps the
+         * sign and those 15 bits.  Shifts and bitwise operations commute, so the codebook's own mask and
+         * xor are folded into that mask (halves' exponents are 12..15 after the xor: never subnormal).
+         * The sum of the two halves is exact in fp32, as after the conversions; lanes stay in place, so
+         * states are taken in lane order. */
+        const __m256i keep = _mm256_set1_epi32((int)0x8FFFE000u);
+        const __m256i mask = _mm256_and_si256(_mm256_set1_epi32((int)((MM_HALF_MASK >> 3) | 0xE0000000u)), keep);
+        const __m256i flip = _mm256_and_si256(_mm256_set1_epi32((int)(MM_HALF_XOR >> 3)), keep);
+        const __m256i hi = _mm256_xor_si256(_mm256_and_si256(_mm256_srai_epi32(x, 3), mask), flip);
+        /* the low half sign-extended times 2^13 (one multiply-add of 16-bit pairs) = the same shift of it */
+        const __m256i lo = _mm256_xor_si256(_mm256_and_si256(_mm256_madd_epi16(x, _mm256_set1_epi32(1 << 13)), mask), flip);
+        value = _mm256_add_ps(_mm256_castsi256_ps(hi), _mm256_castsi256_ps(lo));
+        return _mm256_mul_ps(mm_round_decoded(value), _mm256_set1_ps(0x1p112f));   /* rounding is scale-free */
     }
     return mm_round_decoded(value);
 }

@@ -45,29 +45,27 @@ typedef struct mm_cpu {
 static void mm_fill_group_tables(mm_decode_tables *tables)
 {
     for (int kx2 = MM_KX2_MIN; kx2 <= MM_KX2_MAX; ++kx2) {
-        for (int order = 0; order < 2; ++order) {
-            mm_group_table *tab = order ? &tables->lanes[kx2] : &tables->natural[kx2];
-            for (int G = 0; G < MM_GROUPS; ++G) {
-                tab->wrap[G] = mm_group_wraps(G, kx2);
-                tab->base[G] = mm_group_base(G, kx2);
-                for (int l = 0; l < MM_LANES; ++l) {
-                    const int pos = order ? mm_lane_pos[l] : l;
-                    tab->idx[G][l] = mm_group_idx(G, pos, kx2);          /* 0..7 */
-                    tab->sh[G][l] = mm_group_sh(G, pos, kx2);
-                    /* byte-shuffle form: both 128-bit halves shuffle the same 16 bytes */
-                    const int base_byte = mm_group_offset(G, kx2);
-                    const int bit = mm_lane_window_bit(G, pos, kx2);
-                    for (int b = 0; b < 4; ++b) {
-                        /* lane byte 3-b <- stream byte m+b; byte 0 (m+3) is never needed, byte 1 (m+2) only
-                         * when the window is not byte-aligned, and then it lies in the 16 bytes (rel <= 15
-                         * for every rate and group: the group spans at most 7 x 8 + 16 bits from its first
-                         * window, whose word starts the 16 bytes; the decoder tests check every rate) */
-                        const int rel = mm_stream_byte_in_memory((bit >> 3) + b) - base_byte;
-                        tab->shuffle[G][4 * l + 3 - b] = b == 3 || rel > 15 ? 0x80 : (uint8_t)rel;
-                    }
-                    tab->shr[G][l] = 16 - (bit & 7);
-                    tab->offset[G] = base_byte;
+        mm_group_table *tab = &tables->lanes[kx2];
+        for (int G = 0; G < MM_GROUPS; ++G) {
+            tab->wrap[G] = mm_group_wraps(G, kx2);
+            tab->base[G] = mm_group_base(G, kx2);
+            for (int l = 0; l < MM_LANES; ++l) {
+                const int pos = mm_lane_pos[l];
+                tab->idx[G][l] = mm_group_idx(G, pos, kx2);          /* 0..7 */
+                tab->sh[G][l] = mm_group_sh(G, pos, kx2);
+                /* byte-shuffle form: both 128-bit halves shuffle the same 16 bytes */
+                const int base_byte = mm_group_offset(G, kx2);
+                const int bit = mm_lane_window_bit(G, pos, kx2);
+                for (int b = 0; b < 4; ++b) {
+                    /* lane byte 3-b <- stream byte m+b; byte 0 (m+3) is never needed, byte 1 (m+2) only
+                     * when the window is not byte-aligned, and then it lies in the 16 bytes (rel <= 15
+                     * for every rate and group: the group spans at most 7 x 8 + 16 bits from its first
+                     * window, whose word starts the 16 bytes; the decoder tests check every rate) */
+                    const int rel = mm_stream_byte_in_memory((bit >> 3) + b) - base_byte;
+                    tab->shuffle[G][4 * l + 3 - b] = b == 3 || rel > 15 ? 0x80 : (uint8_t)rel;
                 }
+                tab->shr[G][l] = 16 - (bit & 7);
+                tab->offset[G] = base_byte;
             }
         }
     }

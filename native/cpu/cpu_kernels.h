@@ -7,8 +7,8 @@
  *   group   8 consecutive positions 8G..8G+7 of a tile (G = 0..31); decoded as one 8-lane vector
  *   lane order  a group's lanes hold positions 8G + {0,1,4,5,2,3,6,7}: in tile coordinates the rows
  *           {2a, 2a+1, 2a, 2a+1, 2a+8, 2a+9, 2a+8, 2a+9} (a = G mod 4) of the columns
- *           {c, c, c+8, c+8, c, c, c+8, c+8} (c = G div 4).  This is the order in which the AVX2
- *           decoder's pairwise fp16 add leaves them, and every kernel uses it.
+ *           {c, c, c+8, c+8, c, c, c+8, c+8} (c = G div 4).  Every kernel uses it (a group's
+ *           lanes then hold two rows of two columns: see gemm_template.h).
  *   group input  the layout of a rotated input vector that matches lane order: for each 16-row
  *           k-tile i and a = 0..3, the 8 values x[16i + row(a, lane)] (2*k floats per token).
  */
@@ -43,10 +43,8 @@ typedef struct mm_group_table {
     int32_t shr[MM_GROUPS][MM_LANES];
 } mm_group_table;
 
-/* Tables for every rate kx2 = 0..16 (0, 1 unused); `natural`: lanes in position order 8G+l;
- * `lanes`: lanes in lane order (see above). */
+/* Tables for every rate kx2 = 0..16 (0, 1 unused), lanes in lane order (see above). */
 typedef struct mm_decode_tables {
-    mm_group_table natural[MM_KX2_MAX + 1];
     mm_group_table lanes[MM_KX2_MAX + 1];
 } mm_decode_tables;
 

@@ -4,8 +4,9 @@
  * Decoding one group of 8 weights (states taken in lane order): one 16-byte load broadcast to both
  * halves, one byte shuffle and one variable shift give the 8 states; 3INST/MCG: one multiply(-add),
  * each fp16 half put into fp32 bits by integer operations (scaled by 2^-112, no conversion
- * instruction), one add, the single fp16 rounding and the rescale; MUL1: multiply, byte sum, one FMA,
- * rounding. */
+ * instruction), one add and the single fp16 rounding; MUL1: multiply, byte sum, one FMA, rounding.
+ * 3INST/MCG weights come out times 2^-112 (MM_DECODE_SCALE), which the kernels' inputs undo (never
+ * subnormal: their values are 0 or >= 2^-13); MUL1's (down to 2^-18) are left unscaled. */
 #include <immintrin.h>
 
 #include "cpu_kernels.h"
@@ -72,11 +73,11 @@ static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const 
         /* the low half sign-extended times 2^13 (one multiply-add of 16-bit pairs) = the same shift of it */
         const __m256i lo = _mm256_xor_si256(_mm256_and_si256(_mm256_madd_epi16(x, _mm256_set1_epi32(1 << 13)), mask), flip);
         value = _mm256_add_ps(_mm256_castsi256_ps(hi), _mm256_castsi256_ps(lo));
-        return _mm256_mul_ps(mm_round_decoded(value), _mm256_set1_ps(0x1p112f));   /* rounding is scale-free */
     }
     return mm_round_decoded(value);
 }
 
 #define MM_ISA_NAME "avx2+fma+f16c"
+#define MM_DECODE_SCALE(CB) ((CB) == MM_CB_MUL1 ? 1.0f : 0x1p-112f)   /* see mm_decode_group */
 #define MM_KERNELS_NAME mm_cpu_kernels_avx2
 #include "gemm_template.h"

@@ -175,18 +175,20 @@ static int64_t mm_slot_token(const mm_run *r, int64_t s)
 }
 
 /* v[0..n) <- fp16(H v) per 128-block, then written in the kernel's input layout to dst */
-static void mm_rotate_to_layout(const mm_run *r, float *v, int n, float *dst)
+static void mm_rotate_to_layout(const mm_run *r, float *v, int n, int codebook, float *dst)
 {
     const int group_layout = r->group_layout;
     for (int b = 0; b < n; b += MM_HAD) mm_hadamard128(v + b);
     r->cpu->kernels->round_half(v, n);
+    const float scale = r->cpu->kernels->input_scale[codebook];   /* the decoder's weights carry its inverse */
     if (!group_layout) {
-        memcpy(dst, v, (size_t)n * sizeof *v);
+        for (int k = 0; k < n; ++k) dst[k] = v[k] * scale;
         return;
     }
     for (int i = 0; i < n / 16; ++i)
         for (int a = 0; a < 4; ++a)
-            for (int l = 0; l < MM_LANES; ++l) dst[(4 * i + a) * MM_LANES + l] = v[16 * i + 2 * a + mm_lane_row[l]];
+            for (int l = 0; l < MM_LANES; ++l)
+                dst[(4 * i + a) * MM_LANES + l] = v[16 * i + 2 * a + mm_lane_row[l]] * scale;
 }
 
 static void mm_phase_inputs(void *arg, int64_t s, int worker)
@@ -202,7 +204,7 @@ static void mm_phase_inputs(void *arg, int64_t s, int worker)
         for (int k = 0; k < r->H; ++k)
             v[k] = mm_load_act(r->call->x, r->call->x_dtype, (size_t)t * r->H + k) * mm_half_to_float(suh[k]);
         r->cpu->kernels->round_half(v, r->H);
-        mm_rotate_to_layout(r, v, r->H, (g ? r->xu : r->xg) + (size_t)s * r->in_stride);
+        mm_rotate_to_layout(r, v, r->H, pv->codebook, (g ? r->xu : r->xg) + (size_t)s * r->in_stride);
     }
 }
 
@@ -267,7 +269,7 @@ static void mm_phase_swiglu(void *arg, int64_t s, int worker)
     round_half(v, r->I);
     for (int k = 0; k < r->I; ++k) v[k] *= mm_half_to_float(suh_d[k]);
     round_half(v, r->I);
-    mm_rotate_to_layout(r, v, r->I, r->act + (size_t)s * r->act_stride);
+    mm_rotate_to_layout(r, v, r->I, r->proj[shared][2].codebook, r->act + (size_t)s * r->act_stride);
 }
 
 static void mm_phase_down(void *arg, int64_t item, int worker)

@@ -79,6 +79,10 @@ typedef struct mm_cpu_kernels {
     mm_gemm_fn micro;
     /* v[0..n) <- each rounded to the nearest fp16 value */
     void (*round_half)(float *v, int n);
+    /* per codebook, the factor the kernels' inputs carry (after their fp16 rounding): the inverse of
+     * the decoder's scale of the weights (a power of two, so products are unchanged; fp16-rounded
+     * inputs times 2^112 stay below FLT_MAX) */
+    float input_scale[3];
     /* decode one [in, out] weight to fp16 W_q (tests) */
     void (*decode)(const mm_kernel_env *env, const mm_u32 *tiles, int k_tiles, int n_tiles, int kx2, int codebook,
                    uint16_t *out);

@@ -42,5 +42,6 @@ static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const 
 }
 
 #define MM_ISA_NAME "scalar"
+#define MM_DECODE_SCALE(CB) 1.0f
 #define MM_KERNELS_NAME mm_cpu_kernels_scalar
 #include "gemm_template.h"

@@ -9,7 +9,10 @@
  *   mmv_round16(v)                  each lane rounded to the nearest fp16 value
  *   mmv_store(p, v)
  *   mm_decode_group(tile, head, tables, KX2, kx2, G, CB, env)   the 8 decoded weights of group G, in
- *                                   lane order (KX2: the compile-time rate or 0; kx2: the rate)
+ *                                   lane order (KX2: the compile-time rate or 0; kx2: the rate), each
+ *                                   times MM_DECODE_SCALE(CB)
+ *   MM_DECODE_SCALE(CB)             a power of two per codebook; the kernels' inputs come multiplied by its
+ *                                   inverse (mm_cpu_kernels.input_scale), so every product is the unscaled one
  *   MM_ISA_NAME                     a string for mm_context_simd()
  *
  * Families
@@ -249,7 +252,8 @@ static void decode_weight(const mm_kernel_env *env, const mm_u32 *tiles, int k_t
             }
             for (int r = 0; r < 16; ++r)
                 for (int c = 0; c < 16; ++c)
-                    out[(size_t)(16 * i + r) * (16 * n_tiles) + 16 * j + c] = (uint16_t)mm_float_to_half(rows[16 * r + c]);
+                    out[(size_t)(16 * i + r) * (16 * n_tiles) + 16 * j + c] =
+                        (uint16_t)mm_float_to_half(rows[16 * r + c] / MM_DECODE_SCALE(codebook));
         }
 }
 
@@ -274,5 +278,6 @@ const mm_cpu_kernels MM_KERNELS_NAME = {
     .group_t1_f32_k12 = group_t1_f32_k12,
     .micro = micro,
     .round_half = round_half_array,
+    .input_scale = {1.0f / MM_DECODE_SCALE(0), 1.0f / MM_DECODE_SCALE(1), 1.0f / MM_DECODE_SCALE(2)},
     .decode = decode_weight,
 };

@@ -44,8 +44,7 @@ static inline mmv mm_decode_group(const mm_u32 *tile, const mm_u32 *head, const 
     /* one 16-byte load into both halves (a load, no shuffle), one byte shuffle, one variable shift */
     const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(src + offset)));
     const __m256i lanes = _mm256_shuffle_epi8(bytes, _mm256_loadu_si256((const __m256i *)tab->shuffle[G]));
-    const __m256i state = _mm256_and_si256(_mm256_srlv_epi32(lanes, _mm256_loadu_si256((const __m256i *)tab->shr[G])),
-                                           _mm256_set1_epi32(0xFFFF));
+    const __m256i state = _mm256_srli_epi32(_mm256_sllv_epi32(lanes, _mm256_loadu_si256((const __m256i *)tab->shl[G])), 16);
     __m256 value;
     if (CB == MM_CB_MUL1) {
         const __m256i x = _mm256_mullo_epi32(state, _mm256_set1_epi32((int)MM_MUL1_MUL));

@@ -64,7 +64,7 @@ static void mm_fill_group_tables(mm_decode_tables *tables)
                     const int rel = mm_stream_byte_in_memory((bit >> 3) + b) - base_byte;
                     tab->shuffle[G][4 * l + 3 - b] = b == 3 || rel > 15 ? 0x80 : (uint8_t)rel;
                 }
-                tab->shr[G][l] = 16 - (bit & 7);
+                tab->shl[G][l] = bit & 7;
                 tab->offset[G] = base_byte;
             }
         }

@@ -32,7 +32,7 @@
  *     only when sh > 16, the only case in which its bits reach the state.
  *   byte-shuffle form (AVX2): all 8 lanes come from one 16-byte load at byte offset offset[G]
  *     (broadcast to both 128-bit halves); a byte shuffle puts the 3 stream bytes holding a lane's
- *     window into lane bytes 3, 2, 1; state = (lane >> shr) & 0xFFFF. */
+ *     window into lane bytes 3, 2, 1; state = (lane << shl) >> 16 (logical shifts). */
 typedef struct mm_group_table {
     int32_t wrap[MM_GROUPS];        /* 1: read from the head */
     int32_t base[MM_GROUPS];
@@ -40,7 +40,7 @@ typedef struct mm_group_table {
     int32_t sh[MM_GROUPS][MM_LANES];
     int32_t offset[MM_GROUPS];
     uint8_t shuffle[MM_GROUPS][32];
-    int32_t shr[MM_GROUPS][MM_LANES];
+    int32_t shl[MM_GROUPS][MM_LANES];
 } mm_group_table;
 
 /* Tables for every rate kx2 = 0..16 (0, 1 unused), lanes in lane order (see above). */

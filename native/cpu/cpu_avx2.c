@@ -25,7 +25,8 @@ static inline void mmv_store(float *p, mmv a) { _mm256_storeu_ps(p, a); }
  * MUL1, so never an fp16 overflow and exact below the fp16 normal range) to fp16 precision in
  * fp32: adding c = 1.5 * 2^(e+13) (e = v's exponent) puts fp16's last place at fp32's, so the
  * fp32 addition rounds to nearest-even exactly as fp16 would; subtracting c is exact.  Four
- * single-uop operations instead of two two-uop conversions. */
+ * single-uop operations instead of two two-uop conversions.  Relative to v's exponent, so the same
+ * on 3INST/MCG values scaled by 2^-112 (then between 2^-125 and 2^-110: still normal fp32). */
 static inline mmv mm_round_decoded(mmv v)
 {
     const __m256 c = _mm256_castsi256_ps(_mm256_add_epi32(
